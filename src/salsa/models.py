@@ -1,0 +1,87 @@
+"""Tokenizers and models: the embedded tiny Gemma and loading of Hugging Face checkpoints.
+
+Everything saved here is plain Hugging Face format (safetensors + config), loadable without this project.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GemmaConfig,
+    GemmaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
+# one user turn, then the assistant's answer closed by <eos>
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }} "
+    "{% else %}<assistant> {{ m['content'] }} {{ eos_token }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def train_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on the task's text, wrapped as a Hugging Face tokenizer with a chat template."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=["<user>", "<assistant>"],
+        clean_up_tokenization_spaces=False,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def tiny_gemma(tokenizer, **arch) -> GemmaForCausalLM:
+    """A small Gemma-architecture causal LM sized by `arch` (hidden_size, num_hidden_layers, ...)."""
+    config = GemmaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **arch,
+    )
+    return GemmaForCausalLM(config)
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:  # Llama/Mistral ship without a pad token
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+
+
+def save_hf(obj, path: str | os.PathLike, max_shard_size: str | None = None) -> None:
+    """save_pretrained into `path` (models are written as safetensors)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    obj.save_pretrained(str(path), **kwargs)
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,71 @@
+"""The SALSA pipeline: base → SFT ingredients → soup → reward model → PPO against the reference → evaluation.
+
+Each stage comes from the stage cache when an identical one was built before (see `salsa.cache`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from salsa.cache import Entry
+from salsa.context import Context
+from salsa.stages.base import run_base
+from salsa.stages.sft import run_sft
+from salsa.stages.soup import run_soup
+
+log = logging.getLogger("salsa")
+
+STAGES = ("base", "sft", "soup", "rm", "ppo", "eval")
+RESULT_KEYS = ("win_rate_vs_sft", "win_rate_vs_ppo", "gold_reward", "rm_reward", "kl_to_ref", "judge")
+
+
+def needed_ingredients(ref: DictConfig) -> list[int]:
+    """SFT ingredients a run needs: the reference's, ingredient 0 (the SFT baseline) and the policy's start."""
+    need = {0, *ref.ingredients}
+    if ref.policy_init != "ref":
+        need.add(int(ref.policy_init))
+    return sorted(need)
+
+
+def reference(ctx: Context, sft: dict[int, Entry], ingredients: list[int]) -> Entry:
+    """The reference model: one SFT ingredient, or the soup of several."""
+    if len(ingredients) == 1:
+        return sft[ingredients[0]]
+    return run_soup(ctx, [sft[i] for i in ingredients])
+
+
+def run(cfg: DictConfig, ctx: Context | None = None) -> dict[str, Any]:
+    """Run the pipeline up to `cfg.stage`; return the results dict (also written to `results.json`)."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    ctx = ctx or Context.from_cfg(cfg)
+    last = STAGES.index(cfg.stage)
+    started = time.time()
+    results: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
+    results.update(ref=cfg.ref.name, stage=cfg.stage)
+
+    base = run_base(ctx)
+    if last >= STAGES.index("sft"):
+        sft = {i: run_sft(ctx, base, i) for i in needed_ingredients(cfg.ref)}
+        results["sft_val_loss"] = {i: e.manifest["metrics"]["val_loss"] for i, e in sft.items()}
+    if last >= STAGES.index("soup"):
+        ref = reference(ctx, sft, list(cfg.ref.ingredients))
+        results["ref_val_loss"] = ref.manifest.get("metrics", {}).get("val_loss")
+
+    results["stages"] = {
+        e.stage + ("" if e.stage == "base" else f":{e.key}"): ("reused" if e.reused else "built") for e in ctx.entries
+    }
+    results["seconds"] = round(time.time() - started, 2)
+    return results
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
+    path = Path(out_dir) / "results.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    return path

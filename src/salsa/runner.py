@@ -1,0 +1,91 @@
+"""What `src/train.py` does with a composed config: track, run the pipeline, print and save the results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from salsa.context import Context
+from salsa.pipeline import run, write_results
+from salsa.tracking import Tracker
+
+log = logging.getLogger("salsa")
+
+
+def quiet_libraries() -> None:
+    """Silence warnings that say nothing about the user's run."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*GPU available but not used.*",
+        ".*is an invalid version and will not be supported.*",
+        ".*`isinstance.*treespec.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # per-file "Loading weights" bars
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # composed outside @hydra.main (tests, notebooks)
+        path = Path(cfg.paths.log_dir) / "runs" / "adhoc"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    table = Table(title=f"salsa results (ref={results.get('ref')}, stage={results.get('stage')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in results.items():
+        if k == "stages":
+            continue
+        if isinstance(v, dict):
+            v = ", ".join(f"{kk}: {vv:.4f}" if isinstance(vv, float) else f"{kk}: {vv}" for kk, vv in v.items())
+        elif isinstance(v, float):
+            v = f"{v:.4f}"
+        table.add_row(k, "—" if v is None else str(v))
+    return table
+
+
+def train(cfg: DictConfig) -> float | None:
+    quiet_libraries()
+    if cfg.extras.get("torch_threads"):
+        torch.set_num_threads(int(cfg.extras.torch_threads))
+    if cfg.extras.get("print_config"):
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+    out = output_dir(cfg)
+    tracker = Tracker.from_cfg(cfg)
+    tracker.start_parent(f"{cfg.task_name}-{cfg.ref.name}", cfg, tags={"ref": cfg.ref.name, "output_dir": str(out)})
+    ctx = Context.from_cfg(cfg, tracker)
+    try:
+        results = run(cfg, ctx)
+    except BaseException:
+        tracker.end_parent("FAILED")
+        raise
+    path = write_results(results, out)
+    OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
+    tracker.log_metrics(tracker.parent_id, {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)})
+    tracker.log_artifact(tracker.parent_id, path)
+    tracker.log_artifact(tracker.parent_id, out / "resolved_config.yaml")
+    tracker.end_parent("FINISHED")
+    Console().print(results_table(results))
+    log.info("results written to %s", path)
+    metric = cfg.get("optimized_metric")
+    return results.get(metric) if metric else None

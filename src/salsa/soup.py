@@ -1,0 +1,269 @@
+"""Model soups: weight averages of fine-tuned ingredients that share one base.
+
+- `soup_checkpoints`: full checkpoints averaged tensor by tensor, streamed shard by shard from safetensors, so memory
+  holds one output shard plus one tensor per ingredient.
+- `soup_lora_adapters`: LoRA ingredients on one base. The soup is the average of their *deltas* B·A·scale, written
+  exactly as one adapter of rank Σr by concatenating the A's and the weighted, scaled B's. (Averaging A and B
+  separately gives a different model: the mean of products is not the product of means.)
+- `greedy_soup`: add ingredients in order of a held-out score, keeping each only if the score improves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# config.json keys that may differ between ingredients of the same architecture
+_CONFIG_NOISE = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "id2label",
+    "label2id",
+}
+
+
+class SoupError(ValueError):
+    """Ingredients that cannot be averaged into one model."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure math
+# ---------------------------------------------------------------------------------------------------------------
+def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """Uniform 1/n when `weights` is None; otherwise the weights divided by their (positive) sum."""
+    if n < 2:
+        raise SoupError(f"a soup needs at least 2 ingredients, got {n}")
+    if weights is None:
+        return [1.0 / n] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise SoupError(f"soup.weights has {len(w)} entries for {n} ingredients")
+    if not all(math.isfinite(x) for x in w):
+        raise SoupError(f"soup.weights must be finite, got {w}")
+    total = sum(w)
+    if not total > 0:
+        raise SoupError(f"soup.weights must sum to a positive number, got {w} (sum {total})")
+    return [x / total for x in w]
+
+
+def average_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ w_i · t_i, accumulated in float32 (or float64 for float64 input), returned in the first tensor's dtype."""
+    acc_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    out = torch.zeros(tensors[0].shape, dtype=acc_dtype)
+    for t, w in zip(tensors, weights, strict=True):
+        out.add_(t.to(acc_dtype), alpha=w)
+    return out.to(tensors[0].dtype)
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The weight update of one LoRA module: scale · B @ A  (A: r×in, B: out×r)."""
+    return scale * (b.float() @ a.float())
+
+
+def concat_lora(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (A, B) pair, with scale 1, whose delta B @ A equals Σ w_i · scale_i · B_i @ A_i exactly."""
+    a = torch.cat([a for a, _, _ in factors], dim=0)
+    b = torch.cat([(w * s) * bb.float() for (_, bb, s), w in zip(factors, weights, strict=True)], dim=1)
+    return a.to(factors[0][0].dtype), b.to(factors[0][1].dtype)
+
+
+def greedy_soup(
+    candidates: Sequence[str], score: Callable[[list[str]], float], higher_is_better: bool = False
+) -> tuple[list[str], list[float]]:
+    """Wortsman et al.'s greedy soup. `score(members)` evaluates the uniform soup of `members` on held-out data.
+
+    Candidates are ranked by their own score; each is added to the soup only if that improves the score.
+    Returns the chosen members and the score after each accepted step.
+    """
+    if len(candidates) < 2:
+        raise SoupError(f"a greedy soup needs at least 2 candidates, got {len(candidates)}")
+    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+    single = {c: score([c]) for c in candidates}
+    ranked = sorted(candidates, key=lambda c: single[c], reverse=higher_is_better)
+    chosen, best = [ranked[0]], single[ranked[0]]
+    history = [best]
+    for c in ranked[1:]:
+        s = score([*chosen, c])
+        if better(s, best):
+            chosen, best = [*chosen, c], s
+            history.append(s)
+    return chosen, history
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def checkpoint_shards(path: str | os.PathLike) -> dict[str, list[str]]:
+    """{shard file name: tensor names} of a Hugging Face safetensors checkpoint directory."""
+    path = Path(path)
+    index = path / SAFE_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)
+        return shards
+    single = path / SAFE_SINGLE
+    if not single.is_file():
+        raise SoupError(f"{path}: no {SAFE_SINGLE} or {SAFE_INDEX} (soups read safetensors checkpoints only)")
+    try:
+        with safe_open(str(single), "pt") as f:
+            return {SAFE_SINGLE: list(f.keys())}
+    except Exception as e:  # truncated or corrupt file
+        raise SoupError(f"{single}: unreadable safetensors file ({e})") from e
+
+
+def _tensor_index(path: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """{tensor name: (shard, shape, dtype)} read from headers only."""
+    out = {}
+    for shard, names in checkpoint_shards(path).items():
+        try:
+            with safe_open(str(path / shard), "pt") as f:
+                for n in names:
+                    sl = f.get_slice(n)
+                    out[n] = (shard, tuple(sl.get_shape()), sl.get_dtype())
+        except SoupError:
+            raise
+        except Exception as e:
+            raise SoupError(f"{path / shard}: unreadable safetensors file ({e})") from e
+    return out
+
+
+def _arch_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise SoupError(f"{path}: no config.json")
+    return {k: v for k, v in json.loads(cfg_file.read_text()).items() if k not in _CONFIG_NOISE}
+
+
+def check_compatible(paths: Sequence[Path]) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """Raise SoupError unless every checkpoint has the same architecture config, tensor names and shapes."""
+    ref_cfg, ref_index = _arch_config(paths[0]), _tensor_index(paths[0])
+    for p in paths[1:]:
+        cfg = _arch_config(p)
+        if cfg != ref_cfg:
+            diff = sorted(k for k in set(cfg) | set(ref_cfg) if cfg.get(k) != ref_cfg.get(k))
+            raise SoupError(f"ingredients differ in architecture: {paths[0]} vs {p} (config keys {diff})")
+        index = _tensor_index(p)
+        if set(index) != set(ref_index):
+            extra, missing = sorted(set(index) - set(ref_index)), sorted(set(ref_index) - set(index))
+            raise SoupError(f"ingredients differ in tensor names: {p} has extra {extra[:5]}, lacks {missing[:5]}")
+        for n, (_, shape, _) in index.items():
+            if shape != ref_index[n][1]:
+                raise SoupError(f"ingredients differ in shape of {n}: {ref_index[n][1]} vs {shape} ({p})")
+    return ref_index
+
+
+def soup_checkpoints(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike, weights: Sequence[float] | None = None
+) -> list[float]:
+    """Write the weighted average of Hugging Face safetensors checkpoints to `out`, keeping the first's sharding.
+
+    Non-floating tensors (integer buffers) must be equal across ingredients and are copied.
+    """
+    paths = [Path(p) for p in paths]
+    w = normalize_weights(weights, len(paths))
+    index = check_compatible(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = checkpoint_shards(paths[0])
+    for shard, names in shards.items():
+        handles = [safe_open(str(p / index[names[0]][0]), "pt") for p in paths]
+        result = {}
+        for name in names:
+            tensors = [h.get_tensor(name) for h in handles]
+            if tensors[0].is_floating_point():
+                result[name] = average_tensors(tensors, w)
+            else:
+                if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+                    raise SoupError(f"non-floating tensor {name} differs between ingredients")
+                result[name] = tensors[0]
+            del tensors
+        save_file(result, str(out / shard), metadata={"format": "pt"})
+        del result, handles
+    for f in paths[0].iterdir():  # config, generation config, tokenizer files, shard index
+        if f.is_file() and not f.name.endswith(".safetensors") and not (out / f.name).exists():
+            shutil.copy2(f, out / f.name)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA adapters
+# ---------------------------------------------------------------------------------------------------------------
+def _adapter_scale(cfg: dict, rank: int) -> float:
+    alpha = cfg.get("lora_alpha", rank)
+    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def soup_lora_adapters(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike, weights: Sequence[float] | None = None
+) -> list[float]:
+    """Write one peft LoRA adapter whose delta is the weighted average of the ingredients' deltas, exactly."""
+    paths = [Path(p) for p in paths]
+    w = normalize_weights(weights, len(paths))
+    cfgs = []
+    for p in paths:
+        if not (p / ADAPTER_CONFIG).is_file() or not (p / ADAPTER_WEIGHTS).is_file():
+            raise SoupError(f"{p}: not a peft adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)")
+        cfg = json.loads((p / ADAPTER_CONFIG).read_text())
+        if cfg.get("peft_type") != "LORA":
+            raise SoupError(f"{p}: peft_type {cfg.get('peft_type')!r}, only LORA adapters can be souped")
+        for unsupported in ("use_dora", "modules_to_save"):
+            if cfg.get(unsupported):
+                raise SoupError(f"{p}: {unsupported} is set; soups of such adapters are not supported")
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise SoupError(f"{p}: per-module rank_pattern/alpha_pattern is not supported in soups")
+        cfgs.append(cfg)
+    base = {c.get("base_model_name_or_path") for c in cfgs}
+    if len(base) != 1:
+        raise SoupError(f"LoRA ingredients are on different bases: {sorted(map(str, base))}")
+
+    tensors = []
+    for p in paths:
+        try:
+            tensors.append(load_file(str(p / ADAPTER_WEIGHTS)))
+        except Exception as e:
+            raise SoupError(f"{p / ADAPTER_WEIGHTS}: unreadable safetensors file ({e})") from e
+    names = set(tensors[0])
+    for p, t in zip(paths[1:], tensors[1:], strict=True):
+        if set(t) != names:
+            raise SoupError(f"LoRA ingredients adapt different modules: {paths[0]} vs {p}")
+    unknown = [n for n in names if not (n.endswith("lora_A.weight") or n.endswith("lora_B.weight"))]
+    if unknown:
+        raise SoupError(f"adapter tensors other than lora_A/lora_B are not supported in soups: {unknown[:3]}")
+
+    result: dict[str, torch.Tensor] = {}
+    for a_name in sorted(n for n in names if n.endswith("lora_A.weight")):
+        b_name = a_name[: -len("lora_A.weight")] + "lora_B.weight"
+        factors = []
+        for cfg, t in zip(cfgs, tensors, strict=True):
+            a, b = t[a_name], t[b_name]
+            factors.append((a, b, _adapter_scale(cfg, a.shape[0])))
+        result[a_name], result[b_name] = concat_lora(factors, w)
+    total_rank = sum(t[a_name].shape[0] for t in tensors)  # every module gets rank Σ r_i
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(result, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    cfg = dict(cfgs[0])
+    # same tensor names => same adapted modules, so the first ingredient's target_modules stand for all
+    cfg.update(r=total_rank, lora_alpha=total_rank, use_rslora=False, lora_dropout=0.0, inference_mode=True)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return w

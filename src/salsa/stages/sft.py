@@ -1,0 +1,120 @@
+"""SFT: the soup's ingredients, fine-tuned from one base and differing only by seed (data order, dropout).
+
+`SFTModule` is next-token prediction on target tokens; the tiny base model is pretrained with the same module on
+plain documents (every token a target).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from salsa.cache import Entry
+from salsa.context import Context, log, plain
+from salsa.data import LMDataset, lm_batch
+from salsa.functional import lm_token_nll, warmup_cosine
+from salsa.models import load_causal_lm, load_tokenizer
+
+
+class SFTModule(pl.LightningModule):
+    """Causal-LM cross-entropy on the target tokens of each sequence (labels = -100 elsewhere)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        min_lr_ratio: float = 0.1,
+    ):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, n = lm_token_nll(logits, batch["labels"])
+        loss = nll / n.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=(0.9, 0.95),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, partial(warmup_cosine, warmup=hp.warmup_steps, total=hp.total_steps, min_ratio=hp.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fit_lm(ctx: Context, model, dataset: LMDataset, hp, pad_id: int, work: Path, run_id: str | None, seed: int):
+    """Train `model` on `dataset` with SFTModule; `hp` holds batch_size, epochs, lr, weight_decay, warmup_steps."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=hp.batch_size,
+        shuffle=True,
+        collate_fn=partial(lm_batch, pad_id=pad_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    total = len(loader) * hp.epochs
+    model.train()  # from_pretrained returns eval mode; dropout must be on for training
+    module = SFTModule(model, hp.lr, hp.weight_decay, hp.warmup_steps, total)
+    trainer = ctx.trainer(work, run_id, max_epochs=hp.epochs)
+    trainer.fit(module, loader)
+    return module
+
+
+@torch.inference_mode()
+def heldout_loss(model, dataset: LMDataset, pad_id: int, batch_size: int = 128) -> float:
+    """Token-weighted mean cross-entropy of `model` on the target tokens of `dataset`."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(dataset), batch_size):
+        batch = lm_batch([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, n = lm_token_nll(logits, batch["labels"])
+        total, count = total + nll.item(), count + n.item()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def sft_val_dataset(ctx: Context, tokenizer) -> LMDataset:
+    s = ctx.cfg.sft
+    return LMDataset.from_examples(tokenizer, ctx.data.sft_val, s.max_prompt_length, s.max_response_length)
+
+
+def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
+    """SFT ingredient `index`: the base fine-tuned on the demonstrations with seed `sft.seed + index`."""
+    cfg = ctx.cfg
+    spec = {"base": base.key, "data": plain(cfg.data), "sft": plain(cfg.sft), "index": index}
+
+    def build(work: Path, run_id: str | None) -> dict:
+        s = cfg.sft
+        seed = s.seed + index
+        tok = load_tokenizer(base.path)
+        model = load_causal_lm(base.path)
+        model.config.attention_dropout = s.attention_dropout  # dropout is one of the seeds' sources of diversity
+        train = LMDataset.from_examples(tok, ctx.data.sft_train, s.max_prompt_length, s.max_response_length)
+        fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed)
+        model.save_pretrained(str(work))
+        tok.save_pretrained(str(work))
+        val_loss = heldout_loss(model, sft_val_dataset(ctx, tok), tok.pad_token_id)
+        log.info("[sft %d] held-out loss %.4f", index, val_loss)
+        return {"metrics": {"val_loss": val_loss}, "format": "full", "base": base.key, "index": index, "seed": seed}
+
+    return ctx.build("sft", spec, build)

@@ -1,0 +1,42 @@
+"""Shared test helpers: compose the real Hydra config, shrunk to debug sizes, into a temp log dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+os.environ.setdefault("SALSA_ROOT", str(ROOT))
+
+
+def make_cfg(log_dir: Path | str, *overrides: str, debug: bool = True) -> DictConfig:
+    """The composed `train` config with `paths.log_dir` in a temp dir (debug sizes unless debug=False)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[f"paths.log_dir={log_dir}", *(["debug=default"] if debug else []), *overrides],
+            return_hydra_config=True,
+        )
+    out = Path(log_dir) / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra  # as under @hydra.main: the job's config has no hydra node
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One log dir (and stage cache) shared by tests that only need debug-size stages built once."""
+    return tmp_path_factory.mktemp("shared_logs")

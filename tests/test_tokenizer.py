@@ -1,0 +1,39 @@
+"""The tiny model's tokenizer: trained on the task, round-trips its text, saves as a Hugging Face tokenizer."""
+
+from transformers import AutoTokenizer
+
+from salsa.data import prompt_ids, response_ids
+from salsa.models import train_word_tokenizer
+from salsa.task.synthetic import SyntheticTask
+
+
+def _tokenizer():
+    task = SyntheticTask(0)
+    texts = [f"{e.prompt} {e.response}" for e in task.sft_examples(500)] + task.pretrain_documents(200)
+    return train_word_tokenizer(texts), task
+
+
+def test_round_trip_and_save_load(tmp_path):
+    tok, task = _tokenizer()
+    for e in task.sft_examples(50):
+        ids = tok(e.response, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == e.response
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "describe the fox and the owl ."
+    assert loaded(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert loaded.chat_template == tok.chat_template
+
+
+def test_chat_format():
+    tok, _ = _tokenizer()
+    ids = prompt_ids(tok, "tell me about the fox .")
+    assert ids[0] == tok.bos_token_id
+    assert tok.convert_ids_to_tokens(ids[-1]) == "<assistant>"
+    assert tok.decode(ids[1:-1]).split() == ["<user>", "tell", "me", "about", "the", "fox", "."]
+    r = response_ids(tok, "the fox runs .", ended=True)
+    assert r[-1] == tok.eos_token_id
+    assert response_ids(tok, "the fox runs", ended=False)[-1] != tok.eos_token_id
+    # truncation keeps the generation prompt at the end
+    assert prompt_ids(tok, "tell me about the fox .", max_length=4)[-1] == ids[-1]
