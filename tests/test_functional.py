@@ -3,8 +3,26 @@
 import math
 
 import pytest
+import torch
 
-from salsa.functional import warmup_cosine
+from salsa.functional import (
+    AdaptiveKLController,
+    adjusted_win_rate,
+    bradley_terry_loss,
+    entropy_from_logits,
+    gae,
+    kl_estimate,
+    kl_k1,
+    kl_k3,
+    lm_token_nll,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    shaped_rewards,
+    token_logprobs,
+    warmup_cosine,
+)
 
 
 def test_warmup_cosine():
@@ -15,4 +33,163 @@ def test_warmup_cosine():
     assert warmup_cosine(9, warmup=4, total=14, min_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
     assert warmup_cosine(14, warmup=4, total=14, min_ratio=0.1) == pytest.approx(0.1)
     assert warmup_cosine(100, warmup=0, total=10, min_ratio=0.0) == pytest.approx(0.0, abs=1e-12)
-    assert warmup_cosine(5, warmup=0, total=10, min_ratio=0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_masked_mean_and_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 0.0, -7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    assert masked_mean(x, mask).item() == pytest.approx(3.0)  # (1+2+3+4+5)/5
+    w = masked_whiten(x, mask)
+    vals = w[mask.bool()]
+    assert vals.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert vals.var(unbiased=True).item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.all(w[~mask.bool()] == 0)
+    kept = masked_whiten(x, mask, shift_mean=False)[mask.bool()]
+    assert kept.mean().item() == pytest.approx(3.0, rel=1e-5)
+    # hand case: [1, 2, 3, 4, 5] has unbiased std sqrt(2.5)
+    assert vals[0].item() == pytest.approx((1 - 3) / math.sqrt(2.5), rel=1e-5)
+
+
+def test_token_logprobs_and_entropy():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
+    tokens = torch.tensor([[1, 2]])
+    lp = token_logprobs(logits, tokens)
+    torch.testing.assert_close(lp, torch.log(torch.tensor([[0.25, 0.8]])))
+    uniform = torch.zeros(1, 1, 7)
+    assert entropy_from_logits(uniform).item() == pytest.approx(math.log(7))
+    # temperature 2 on logits [0, ln 3] gives probabilities ∝ [1, √3]
+    two = torch.tensor([[[0.0, math.log(3.0)]]])
+    p = 1 / (1 + math.sqrt(3))
+    assert token_logprobs(two, torch.tensor([[0]]), temperature=2.0).item() == pytest.approx(math.log(p))
+
+
+def test_lm_token_nll_counts_only_labels():
+    logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens
+    labels = torch.tensor([[-100, 2, -100]])
+    nll, n = lm_token_nll(logits, labels)
+    assert n.item() == 1 and nll.item() == pytest.approx(math.log(4))
+
+
+def test_bradley_terry_loss():
+    zero = torch.zeros(3)
+    assert bradley_terry_loss(zero, zero).item() == pytest.approx(math.log(2))
+    assert bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0])).item() == pytest.approx(
+        math.log1p(math.exp(-2.0))
+    )
+    # centering adds coef * (r_c + r_r)^2
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0]), center_coef=0.5).item() == pytest.approx(
+        math.log(2) + 0.5 * 4.0
+    )
+
+
+def test_kl_estimators():
+    g = torch.Generator().manual_seed(0)
+    logp, ref = -torch.rand(4, 9, generator=g) * 3, -torch.rand(4, 9, generator=g) * 3
+    assert torch.all(kl_k3(logp, ref) >= 0)
+    torch.testing.assert_close(kl_k1(logp, ref), logp - ref)
+    for est in ("k1", "k3"):
+        assert torch.all(kl_estimate(logp, logp, est) == 0)  # policy = reference
+    # hand case: log r = ln 2  ->  k3 = (2 - 1) - ln 2
+    assert kl_k3(torch.tensor([0.0]), torch.tensor([math.log(2)])).item() == pytest.approx(1 - math.log(2))
+    with pytest.raises(ValueError, match="k1"):
+        kl_estimate(logp, ref, "k2")
+    # both are unbiased for KL(p || q) of two categoricals: check by exact expectation
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    exact = (p * (p / q).log()).sum()
+    for est in (kl_k1, kl_k3):
+        assert (p * est(p.log(), q.log())).sum().item() == pytest.approx(exact.item(), rel=1e-6)
+
+
+def test_shaped_rewards_hand_case():
+    score = torch.tensor([1.0, 2.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    r = shaped_rewards(score, kl, mask, kl_coef=0.5)
+    torch.testing.assert_close(r, torch.tensor([[-0.05, -0.1, -0.15 + 1.0], [-0.2 + 2.0, 0.0, 0.0]]))
+
+
+def _gae_closed_form(rewards, values, mask, gamma, lam):
+    """A_t = Σ_l (γλ)^l δ_{t+l} over the episode's tokens, with V = 0 past the last one."""
+    B, T = rewards.shape
+    out = torch.zeros_like(rewards)
+    for b in range(B):
+        n = int(mask[b].sum())
+        v = torch.cat([values[b, :n], torch.zeros(1)])
+        delta = rewards[b, :n] + gamma * v[1:] - v[:-1]
+        for t in range(n):
+            out[b, t] = sum((gamma * lam) ** k * delta[t + k] for k in range(n - t))
+    return out
+
+
+def test_gae_matches_closed_form():
+    g = torch.Generator().manual_seed(1)
+    rewards, values = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    mask = torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2, [1.0] + [0.0] * 5])
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)]:
+        adv, ret = gae(rewards * mask, values, mask, gamma, lam)
+        expected = _gae_closed_form(rewards * mask, values, mask, gamma, lam)
+        torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ret, adv + values * mask)
+    # λ = 1, γ = 1: the return is the sum of remaining rewards
+    _, ret = gae(rewards * mask, values, mask, 1.0, 1.0)
+    torch.testing.assert_close(ret[0], (rewards[0]).flip(0).cumsum(0).flip(0), rtol=1e-5, atol=1e-6)
+
+
+def test_gae_hand_case():
+    # two tokens, r = [0, 1], V = [0.5, 0.2], γ = 1, λ = 0.5
+    # δ1 = 1 - 0.2 = 0.8; δ0 = 0 + 0.2 - 0.5 = -0.3; A1 = 0.8; A0 = -0.3 + 0.5 * 0.8 = 0.1
+    adv, ret = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), 1.0, 0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.1, 0.8]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.6, 1.0]]))
+
+
+def test_policy_loss_clips_at_ratio_bounds():
+    mask = torch.ones(1, 4)
+    old = torch.zeros(1, 4)
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 0.5]])
+    adv = torch.tensor([[1.0, 1.0, -2.0, -1.0]])
+    logp = ratio.log().requires_grad_(True)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip=0.2)
+    # per token max(-A·ρ, -A·clip(ρ)): [-1.2, -0.5, 2.2, 0.8]
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2 + 0.8) / 4)
+    assert stats["clip_frac"].item() == pytest.approx(0.5)  # tokens 0 and 3 use the clipped term
+    loss.backward()
+    # clipped tokens get no gradient; the others get -A·ρ / n
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5 / 4, 2.0 * 1.1 / 4, 0.0]]))
+    # ratio 1 everywhere: no clipping and approx_kl 0
+    _, s = ppo_policy_loss(old.clone(), old, adv, mask, clip=0.2)
+    assert s["clip_frac"].item() == 0 and s["approx_kl"].item() == 0
+
+
+def test_value_loss_clipping():
+    mask = torch.ones(1, 2)
+    old = torch.tensor([[0.0, 0.0]])
+    values = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[2.0, 0.0]])
+    loss, stats = ppo_value_loss(values, old, returns, mask, clip=0.2)
+    # token 0: unclipped (1-2)^2 = 1, clipped (0.2-2)^2 = 3.24 -> 3.24; token 1: 0.01 vs 0.01 -> 0.01
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 0.01) / 2)
+    assert stats["value_clip_frac"].item() == pytest.approx(0.5)
+
+
+def test_adaptive_kl_controller():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    # error = clip(12/6 - 1, -0.2, 0.2) = 0.2; value *= 1 + 0.2 * 256 / 10000
+    assert ctl.update(12.0, 256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
+    ctl2 = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert ctl2.update(5.4, 100) == pytest.approx(0.1 * (1 - 0.1 * 100 / 10000))
+    state = ctl.state_dict()
+    ctl3 = AdaptiveKLController(1.0, 6.0, 10000)
+    ctl3.load_state_dict(state)
+    assert ctl3.value == ctl.value
+
+
+def test_adjusted_win_rate():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    b = torch.tensor([0.0, 2.0, 5.0, 4.0])
+    assert adjusted_win_rate(a, b) == pytest.approx((1 + 0.5 * 2) / 4)
+    assert adjusted_win_rate(b, a) == pytest.approx((1 + 0.5 * 2) / 4)
+    assert adjusted_win_rate(a, a) == 0.5
+    assert adjusted_win_rate(a, a + 0.01, tie_tolerance=0.1) == 0.5
+    with pytest.raises(ValueError):
+        adjusted_win_rate(a, b[:2])

@@ -36,7 +36,7 @@ def test_soup_stage_then_full_reuse(shared_cache):
 
 
 def test_sft_lowers_heldout_loss(shared_cache):
-    cfg = make_cfg(shared_cache, "stage=sft", "ref=sft")
+    cfg = make_cfg(shared_cache, "stage=sft", "ref=sft", "sft.epochs=4", "sft.lr=3e-3")
     ctx = Context.from_cfg(cfg)
     run(cfg, ctx)
     base, sft0 = ctx.entries[0], ctx.entries[1]

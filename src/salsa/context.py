@@ -51,7 +51,7 @@ class Context:
             log.info("[%s] building %s in %s", stage, key, work)
             with self.tracker.child(stage, key) as run_id:
                 meta = fn(work, run_id) or {}
-                self.tracker.log_metrics(run_id, {f"{stage}/{k}": v for k, v in meta.get("metrics", {}).items()})
+                self.tracker.log_metrics(run_id, {f"final/{k}": v for k, v in meta.get("metrics", {}).items()})
             return {**meta, "run_id": run_id}
 
         entry = self.cache.get_or_build(stage, spec, build)

@@ -187,3 +187,18 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) ->
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+def adjusted_win_rate(a: torch.Tensor, b: torch.Tensor, tie_tolerance: float = 0.0) -> float:
+    """The paper's adjusted win rate of a over b: (wins + ½ · ties) / comparisons, pairing a[i] with b[i]."""
+    if a.numel() == 0 or a.shape != b.shape:
+        raise ValueError(
+            f"win rate needs two equal, non-empty score vectors, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    diff = a.double() - b.double()
+    wins = (diff > tie_tolerance).sum().item()
+    ties = (diff.abs() <= tie_tolerance).sum().item()
+    return (wins + 0.5 * ties) / a.numel()

@@ -85,3 +85,36 @@ def save_hf(obj, path: str | os.PathLike, max_shard_size: str | None = None) -> 
 
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scalar heads (reward model, value function) and position ids for padded batches
+# ---------------------------------------------------------------------------------------------------------------
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding (as `generate` computes them), so a sequence scores the same padded or not."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def scalar_head_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token outputs (batch, time) of a `*ForSequenceClassification` model's scalar head.
+
+    Used for rewards (read at the last token) and values (read at every token). The backbone and head are called
+    directly so the score position comes from the attention mask, not from where pad tokens are.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()
+
+
+def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token of each row (works for left and right padding)."""
+    t = attention_mask.size(1)
+    return t - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per sequence: the head's output at its last attended token."""
+    out = scalar_head_outputs(model, input_ids, attention_mask)
+    return out.gather(1, last_index(attention_mask).unsqueeze(1)).squeeze(1)

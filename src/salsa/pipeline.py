@@ -16,6 +16,9 @@ from omegaconf import DictConfig
 from salsa.cache import Entry
 from salsa.context import Context
 from salsa.stages.base import run_base
+from salsa.stages.evaluate import run_eval
+from salsa.stages.ppo import run_ppo
+from salsa.stages.rm import run_rm
 from salsa.stages.sft import run_sft
 from salsa.stages.soup import run_soup
 
@@ -57,6 +60,19 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> dict[str, Any]:
     if last >= STAGES.index("soup"):
         ref = reference(ctx, sft, list(cfg.ref.ingredients))
         results["ref_val_loss"] = ref.manifest.get("metrics", {}).get("val_loss")
+    if last >= STAGES.index("rm"):
+        rm = run_rm(ctx, base)
+        results["rm_accuracy"] = rm.manifest["metrics"].get("accuracy")
+        results["rm_gold_agreement"] = rm.manifest["metrics"].get("gold_agreement")
+    if last >= STAGES.index("ppo"):
+        init = ref if cfg.ref.policy_init == "ref" else sft[int(cfg.ref.policy_init)]
+        policy = run_ppo(ctx, init, ref, rm, cfg.ref.name)
+        # the PPO baseline: reference and start = SFT ingredient 0, same PPO settings (trained once, then cached)
+        plain_ppo = init.key == ref.key == sft[0].key
+        baseline = None if plain_ppo else run_ppo(ctx, sft[0], sft[0], rm, "sft")
+    if last >= STAGES.index("eval"):
+        evaluation = run_eval(ctx, policy, sft[0], baseline, rm, ref)
+        results.update(evaluation.manifest["results"])
 
     results["stages"] = {
         e.stage + ("" if e.stage == "base" else f":{e.key}"): ("reused" if e.reused else "built") for e in ctx.entries

@@ -28,6 +28,8 @@ def quiet_libraries() -> None:
         ".*GPU available but not used.*",
         ".*is an invalid version and will not be supported.*",
         ".*`isinstance.*treespec.*",
+        ".*module\\(s\\) in eval mode at the start of training.*",  # the frozen reference and reward model
+        ".*`validation_step` but have no `val_dataloader`.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda", "lightning.pytorch"):
@@ -36,6 +38,7 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # per-file "Loading weights" bars
+    transformers.utils.logging.set_verbosity_error()  # e.g. "score.weight newly initialised" for the reward head
 
 
 def output_dir(cfg: DictConfig) -> Path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytorch_lightning as pl
+
 from salsa.cache import Entry
 from salsa.context import Context, log, plain
 from salsa.data import LMDataset
@@ -36,6 +38,7 @@ def run_base(ctx: Context) -> Entry:
         data = ctx.data
         tok = train_word_tokenizer(task_texts(data))
         p = m.pretrain
+        pl.seed_everything(p.seed, workers=True, verbose=False)  # the initial weights depend on the seed alone
         model = tiny_gemma(tok, **plain(m.arch))
         docs = list(data.pretrain)
         n_val = max(1, int(len(docs) * p.val_fraction))

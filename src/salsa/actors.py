@@ -1,0 +1,62 @@
+"""The four models of PPO-RLHF behind one interface: policy and value (trained), reference and reward (frozen).
+
+`FullActors` holds four separate full-weight models (the tiny default). The QLoRA layout, where all four share one
+frozen base through adapters, implements the same methods, so the PPO module never knows which it has.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from salsa.models import position_ids_from_mask, scalar_head_outputs, sequence_scores
+
+
+def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits that predict the response tokens: positions prompt_len-1 .. T-2 of the full sequence."""
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).logits
+    return logits[:, prompt_len - 1 : -1]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class FullActors(nn.Module):
+    def __init__(self, policy: nn.Module, value: nn.Module, reference: nn.Module, reward: nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
+        self.reference, self.reward = freeze(reference), freeze(reward)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reference.eval()  # frozen models never enter train mode
+        self.reward.eval()
+        return self
+
+    @property
+    def generator(self) -> nn.Module:
+        return self.policy
+
+    def policy_logits(self, sequences, attention_mask, prompt_len):
+        return response_logits(self.policy, sequences, attention_mask, prompt_len)
+
+    def reference_logits(self, sequences, attention_mask, prompt_len):
+        return response_logits(self.reference, sequences, attention_mask, prompt_len)
+
+    def values(self, sequences, attention_mask, prompt_len):
+        """V(s_t) for the state before each response token."""
+        return scalar_head_outputs(self.value, sequences, attention_mask)[:, prompt_len - 1 : -1]
+
+    def scores(self, sequences, attention_mask):
+        return sequence_scores(self.reward, sequences, attention_mask)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
+
+    def save_policy(self, path) -> None:
+        self.policy.save_pretrained(str(path))

@@ -1,0 +1,95 @@
+"""Sampling responses for a batch of prompts, shared by PPO rollouts and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from salsa.data import pad_left, prompt_ids
+from salsa.functional import token_logprobs
+
+
+@dataclass
+class Samples:
+    """Left-padded queries and right-padded responses; `response_mask` covers tokens up to the first end token."""
+
+    query: torch.Tensor  # (B, P) token ids, left padded
+    query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    response: torch.Tensor  # (B, R) token ids, pad after the end token
+    response_mask: torch.Tensor  # (B, R) float, 1 up to and including the first end token
+    ended: torch.Tensor  # (B,) bool: the response emitted the end token
+    logprobs: torch.Tensor  # (B, R) log π_T(token) under the sampling policy at the sampling temperature
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        return torch.cat([self.query, self.response], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask.long()], dim=1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1)
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [prompt_ids(tokenizer, p, max_length) for p in prompts]
+    query = pad_left(ids, tokenizer.pad_token_id)
+    mask = pad_left([[1] * len(i) for i in ids], 0)
+    return query.to(device), mask.to(device)
+
+
+def response_mask(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1.0 on tokens up to and including the first `eos_id`, and whether each row contains one."""
+    is_eos = (response == eos_id).long()
+    before = (is_eos.cumsum(1) - is_eos) == 0
+    return before.float(), is_eos.bool().any(1)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+) -> Samples:
+    """Sample (or greedily decode) responses with the KV cache; logprobs come from the generation's own logits,
+    so no second policy forward pass is needed. Tokens after the end token are replaced by padding."""
+    was_training = model.training
+    model.eval()
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=0 if do_sample else None,  # sample from the policy itself, not a truncated version of it
+        top_p=1.0 if do_sample else None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        use_cache=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=gen_cfg)
+    model.train(was_training)
+    response = out.sequences[:, query.size(1) :]
+    mask, ended = response_mask(response, tokenizer.eos_token_id)
+    response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    logits = torch.stack(out.logits, dim=1)
+    logprobs = token_logprobs(logits, response, temperature if do_sample else 1.0) * mask
+    return Samples(query, query_mask, response, mask, ended, logprobs)
+
+
+def decode(tokenizer, samples: Samples) -> list[str]:
+    """Response texts without the end token or padding."""
+    texts = []
+    for row, m in zip(samples.response.tolist(), samples.response_mask.tolist(), strict=True):
+        ids = [t for t, keep in zip(row, m, strict=True) if keep and t != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts

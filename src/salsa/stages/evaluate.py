@@ -1,0 +1,118 @@
+"""Evaluation: responses to held-out prompts from the policy and its baselines, judged side by side.
+
+Each model answers every held-out prompt `samples_per_prompt` times with the same sampling seed. Answers are scored
+by the reward model and, on the embedded task, by the gold reward, which is then the judge of the paper's adjusted
+win rate (wins + ½ ties) / comparisons. `kl_to_ref` is the mean over the policy's answers of Σ_t log π/π_ref.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from salsa.cache import Entry
+from salsa.context import Context, log, plain
+from salsa.functional import adjusted_win_rate, token_logprobs
+from salsa.generation import decode, encode_prompts, sample
+from salsa.models import load_causal_lm, load_reward_model, load_tokenizer, sequence_scores
+
+
+@torch.no_grad()
+def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None) -> dict:
+    """Sample answers in batches; return texts, ended flags, RM scores and (with a reference) sequence KLs."""
+    from salsa.actors import response_logits
+
+    torch.manual_seed(e.seed)  # every model sees the same sampling noise
+    texts, ended, scores, kls = [], [], [], []
+    for i in range(0, len(prompts), e.batch_size):
+        chunk = prompts[i : i + e.batch_size]
+        query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length)
+        s = sample(model, tokenizer, query, mask, e.response_length, e.temperature, e.do_sample)
+        texts += decode(tokenizer, s)
+        ended += s.ended.tolist()
+        scores += sequence_scores(reward_model, s.sequences, s.attention_mask).tolist()
+        if reference is not None:
+            temp = e.temperature if e.do_sample else 1.0
+            ref_logp = token_logprobs(
+                response_logits(reference, s.sequences, s.attention_mask, query.size(1)), s.response, temp
+            )
+            kls += ((s.logprobs - ref_logp) * s.response_mask).sum(1).tolist()
+    return {"texts": texts, "ended": ended, "rm": scores, "kl": kls}
+
+
+def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, rm: Entry, reference: Entry) -> Entry:
+    cfg = ctx.cfg
+    spec = {
+        "policy": policy.key, "sft": sft0.key, "baseline": baseline.key if baseline else None, "rm": rm.key,
+        "reference": reference.key, "eval": plain(cfg.eval), "data": plain(cfg.data),
+    }  # fmt: skip
+
+    def build(work: Path, run_id: str | None) -> dict:
+        e = cfg.eval
+        data = ctx.data
+        prompts = [p for p in data.prompts_eval for _ in range(e.samples_per_prompt)]
+        tok = load_tokenizer(policy.path)
+        reward_model = load_reward_model(rm.path).eval()
+        ref_model = load_causal_lm(reference.path).eval()
+        models = {"policy": policy, "sft": sft0, **({"ppo": baseline} if baseline else {})}
+        answers = {}
+        for name, entry in models.items():
+            answers[name] = answer(
+                load_causal_lm(entry.path).eval(),
+                tok,
+                prompts,
+                e,
+                reward_model,
+                ref_model if name == "policy" else None,
+            )
+            if data.judge is not None:
+                answers[name]["gold"] = [
+                    data.judge(p, t, d)
+                    for p, t, d in zip(prompts, answers[name]["texts"], answers[name]["ended"], strict=True)
+                ]
+        judge = "gold" if data.judge is not None else "rm"
+
+        def win_rate(other: str) -> float | None:
+            if other not in answers:
+                return None
+            return adjusted_win_rate(
+                torch.tensor(answers["policy"][judge]), torch.tensor(answers[other][judge]), e.tie_tolerance
+            )
+
+        results = {
+            "win_rate_vs_sft": win_rate("sft"),
+            "win_rate_vs_ppo": win_rate("ppo"),
+            "gold_reward": float(np.mean(answers["policy"]["gold"])) if judge == "gold" else None,
+            "rm_reward": float(np.mean(answers["policy"]["rm"])),
+            "kl_to_ref": float(np.mean(answers["policy"]["kl"])),
+            "judge": judge,
+            "ended_frac": float(np.mean(answers["policy"]["ended"])),
+            "comparisons": len(prompts),
+        }
+        for name in ("sft", "ppo"):
+            if name in answers:
+                results[f"{name}_rm_reward"] = float(np.mean(answers[name]["rm"]))
+                if judge == "gold":
+                    results[f"{name}_gold_reward"] = float(np.mean(answers[name]["gold"]))
+        with open(work / "generations.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["prompt", "model", "response", "ended", "rm_reward", "gold_reward"])
+            for name, a in answers.items():
+                for i, p in enumerate(prompts):
+                    writer.writerow(
+                        [
+                            p,
+                            name,
+                            a["texts"][i],
+                            a["ended"][i],
+                            round(a["rm"][i], 4),
+                            round(a["gold"][i], 4) if "gold" in a else "",
+                        ]
+                    )
+        log.info("[eval] %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
+        return {"metrics": {k: v for k, v in results.items() if isinstance(v, int | float)}, "results": results}
+
+    return ctx.build("eval", spec, build)

@@ -1,0 +1,136 @@
+"""Reward model: a Bradley–Terry scalar head on the base LM, trained on preference pairs."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import BinaryAccuracy
+
+from salsa.cache import Entry
+from salsa.context import Context, log, plain
+from salsa.data import pad_right, prompt_ids, response_ids
+from salsa.functional import bradley_terry_loss, warmup_cosine
+from salsa.models import load_reward_model, load_tokenizer, sequence_scores
+from salsa.task.synthetic import Pair
+
+
+class PairDataset(Dataset):
+    """(chosen ids, rejected ids, gold margin) for each pair; the gold margin is NaN when no judge exists."""
+
+    def __init__(self, tokenizer, pairs: list[Pair], max_prompt: int, max_response: int):
+        self.items = []
+        for p in pairs:
+            context = prompt_ids(tokenizer, p.prompt, max_prompt)
+            chosen = context + response_ids(tokenizer, p.chosen, p.chosen_ended)[:max_response]
+            rejected = context + response_ids(tokenizer, p.rejected, p.rejected_ended)[:max_response]
+            margin = p.gold_margin if p.gold_margin is not None else float("nan")
+            self.items.append((chosen, rejected, margin))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def pair_batch(items, pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows: one forward pass scores both."""
+    seqs = [c for c, _, _ in items] + [r for _, r, _ in items]
+    return {
+        "input_ids": pad_right(seqs, pad_id),
+        "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
+        "gold_margin": torch.tensor([m for _, _, m in items], dtype=torch.float32),
+    }
+
+
+class RewardModule(pl.LightningModule):
+    """−log σ(r_chosen − r_rejected) (+ optional centering); accuracy on held-out labels and against the gold."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        center_coef: float = 0.0,
+    ):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+        self.val_accuracy = BinaryAccuracy()
+        self.val_gold_agreement = BinaryAccuracy()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
+        return scores.chunk(2)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        r_chosen, r_rejected = self(batch)
+        loss = bradley_terry_loss(r_chosen, r_rejected, self.hparams.center_coef)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", (r_chosen > r_rejected).float().mean())
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        r_chosen, r_rejected = self(batch)
+        self.log("val/loss", bradley_terry_loss(r_chosen, r_rejected), batch_size=r_chosen.numel())
+        prob = torch.sigmoid(r_chosen - r_rejected)
+        self.val_accuracy(prob, torch.ones_like(prob, dtype=torch.long))
+        self.log("val/accuracy", self.val_accuracy)
+        margin = batch["gold_margin"]
+        known = ~torch.isnan(margin)
+        if known.any():
+            self.val_gold_agreement(prob[known], (margin[known] > 0).long())
+            self.log("val/gold_agreement", self.val_gold_agreement)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.95))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, partial(warmup_cosine, warmup=hp.warmup_steps, total=hp.total_steps, min_ratio=0.1)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run_rm(ctx: Context, base: Entry) -> Entry:
+    cfg = ctx.cfg
+    spec = {"base": base.key, "data": plain(cfg.data), "rm": plain(cfg.rm)}
+
+    def build(work: Path, run_id: str | None) -> dict:
+        r = cfg.rm
+        pl.seed_everything(r.seed, workers=True, verbose=False)
+        tok = load_tokenizer(base.path)
+        model = load_reward_model(base.path)
+        model.config.pad_token_id = tok.pad_token_id
+        model.train()
+        train = PairDataset(tok, ctx.data.pairs_train, r.max_prompt_length, r.max_response_length)
+        val = PairDataset(tok, ctx.data.pairs_val, r.max_prompt_length, r.max_response_length)
+        collate = partial(pair_batch, pad_id=tok.pad_token_id)
+        loader = DataLoader(
+            train,
+            batch_size=r.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(r.seed),
+        )
+        val_loader = DataLoader(val, batch_size=r.val_batch_size, collate_fn=collate)
+        module = RewardModule(model, r.lr, r.weight_decay, r.warmup_steps, len(loader) * r.epochs, r.center_coef)
+        trainer = ctx.trainer(work, run_id, max_epochs=r.epochs, limit_val_batches=0)
+        trainer.fit(module, loader)
+        metrics = ctx.trainer(work, run_id, logger=False).validate(module, val_loader, verbose=False)[0]
+        metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
+        model.save_pretrained(str(work))
+        tok.save_pretrained(str(work))
+        log.info(
+            "[rm] held-out pair accuracy %.3f, agreement with gold %s",
+            metrics["accuracy"],
+            metrics.get("gold_agreement"),
+        )
+        return {"metrics": metrics, "format": "full", "base": base.key}
+
+    return ctx.build("rm", spec, build)

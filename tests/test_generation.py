@@ -1,0 +1,80 @@
+"""Sampling, masks and scalar heads: what PPO and evaluation build on."""
+
+import torch
+
+from salsa.actors import response_logits
+from salsa.functional import token_logprobs
+from salsa.generation import decode, encode_prompts, response_mask, sample
+from salsa.models import (
+    last_index,
+    load_reward_model,
+    sequence_scores,
+    tiny_gemma,
+    train_word_tokenizer,
+)
+from salsa.task.synthetic import SyntheticTask
+
+
+def _tiny(tmp_path):
+    task = SyntheticTask(0)
+    tok = train_word_tokenizer([f"{e.prompt} {e.response}" for e in task.sft_examples(300)])
+    torch.manual_seed(0)
+    model = tiny_gemma(
+        tok,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+    )
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return tok, model.eval()
+
+
+def test_response_mask_hand_case():
+    eos = 2
+    resp = torch.tensor([[5, 6, 2, 0, 0], [5, 5, 5, 5, 5], [2, 0, 0, 0, 0]])
+    mask, ended = response_mask(resp, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+    # a pad token equal to eos (Llama-style) after the first eos stays outside the mask
+    mask2, _ = response_mask(torch.tensor([[5, 2, 2, 2]]), eos)
+    assert mask2.tolist() == [[1, 1, 0, 0]]
+
+
+def test_last_index():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0]])
+    assert last_index(mask).tolist() == [4, 2, 3]
+
+
+def test_sampled_logprobs_match_a_full_forward_pass(tmp_path):
+    """The logprobs kept from generation (left padding, KV cache) equal a fresh forward pass over the sequences."""
+    tok, model = _tiny(tmp_path)
+    prompts = ["tell me about the fox .", "describe the rain and the snow .", "what do you think of the comet ?"]
+    query, qmask = encode_prompts(tok, prompts, 32)
+    assert (qmask[:, 0] == 0).any()  # prompts of different lengths: left padding is exercised
+    torch.manual_seed(0)
+    s = sample(model, tok, query, qmask, max_new_tokens=10, temperature=0.7)
+    with torch.no_grad():
+        full = token_logprobs(response_logits(model, s.sequences, s.attention_mask, query.size(1)), s.response, 0.7)
+    torch.testing.assert_close(s.logprobs, full * s.response_mask, rtol=1e-4, atol=1e-4)
+    assert torch.all(s.response[s.response_mask == 0] == tok.pad_token_id)
+    texts = decode(tok, s)
+    assert len(texts) == 3 and all("<eos>" not in t and "<pad>" not in t for t in texts)
+
+
+def test_sequence_scores_do_not_depend_on_padding(tmp_path):
+    tok, _ = _tiny(tmp_path)
+    rm = load_reward_model(tmp_path).eval()
+    ids = tok("the fox runs .", add_special_tokens=False)["input_ids"]
+    right = torch.tensor([ids + [tok.pad_token_id] * 3])
+    left = torch.tensor([[tok.pad_token_id] * 3 + ids])
+    with torch.no_grad():
+        a = sequence_scores(rm, right, (right != tok.pad_token_id).long())
+        b = sequence_scores(rm, left, (left != tok.pad_token_id).long())
+        c = sequence_scores(rm, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,53 @@
+"""The whole pipeline at debug sizes through the real entry point: results.json, the table, MLflow runs."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from salsa.runner import train
+from tests.conftest import make_cfg
+
+pytestmark = pytest.mark.slow
+
+CONTRACT_KEYS = {"win_rate_vs_sft", "win_rate_vs_ppo", "gold_reward", "rm_reward", "kl_to_ref", "judge"}
+
+
+def test_results_json_and_mlflow(shared_cache, capsys):
+    cfg = make_cfg(shared_cache, "logger=mlflow")
+    train(cfg)
+    results = json.loads((shared_cache / "out" / "results.json").read_text())
+    assert set(results) >= CONTRACT_KEYS
+    assert results["judge"] == "gold"
+    for key in ("win_rate_vs_sft", "win_rate_vs_ppo"):
+        assert 0.0 <= results[key] <= 1.0
+    assert isinstance(results["gold_reward"], float) and isinstance(results["kl_to_ref"], float)
+    assert "win_rate_vs_sft" in capsys.readouterr().out  # the printed table
+
+    client = MlflowClient(tracking_uri=cfg.logger.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.logger.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    for key in CONTRACT_KEYS - {"judge", "win_rate_vs_ppo"}:
+        assert parent.data.metrics[f"eval/{key}"] == pytest.approx(results[key])
+    assert parent.data.metrics["eval/win_rate_vs_ppo"] == pytest.approx(results["win_rate_vs_ppo"])
+    assert parent.data.params["ref.name"] == "soup3"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    # stages that were already in the cache (built by other tests) are tagged on the parent, not re-run
+    built = {r.data.tags["stage"] for r in children}
+    reused = {k.split(".")[1] for k in parent.data.tags if k.startswith("reused.")}
+    assert {"ppo", "eval"} <= built | reused and {"base", "sft", "rm"} <= built | reused
+    ppo_runs = [r for r in children if r.data.tags["stage"] == "ppo"]
+    for r in ppo_runs:
+        history = client.get_metric_history(r.info.run_id, "ppo/gold_reward")
+        assert [m.step for m in history] == list(range(cfg.ppo.iterations))
+
+
+def test_plain_ppo_has_no_ppo_baseline(shared_cache):
+    cfg = make_cfg(shared_cache, "ref=sft")
+    train(cfg)
+    results = json.loads((shared_cache / "out" / "results.json").read_text())
+    assert results["win_rate_vs_ppo"] is None and results["ref"] == "sft"
+    assert 0.0 <= results["win_rate_vs_sft"] <= 1.0
