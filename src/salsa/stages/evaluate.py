@@ -17,7 +17,8 @@ from salsa.cache import Entry
 from salsa.context import Context, log, plain
 from salsa.functional import adjusted_win_rate, token_logprobs
 from salsa.generation import decode, encode_prompts, sample
-from salsa.models import load_causal_lm, load_reward_model, load_tokenizer, sequence_scores
+from salsa.lora import model_loader
+from salsa.models import load_tokenizer, sequence_scores
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None
     texts, ended, scores, kls = [], [], [], []
     for i in range(0, len(prompts), e.batch_size):
         chunk = prompts[i : i + e.batch_size]
-        query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length)
+        query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length, next(model.parameters()).device)
         s = sample(model, tokenizer, query, mask, e.response_length, e.temperature, e.do_sample)
         texts += decode(tokenizer, s)
         ended += s.ended.tolist()
@@ -55,13 +56,14 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
         data = ctx.data
         prompts = [p for p in data.prompts_eval for _ in range(e.samples_per_prompt)]
         tok = load_tokenizer(policy.path)
-        reward_model = load_reward_model(rm.path).eval()
-        ref_model = load_causal_lm(reference.path).eval()
+        loader = model_loader(cfg.model, ctx.device)  # full checkpoints, or adapters on one shared base
+        reward_model = loader.reward(rm.path)
+        ref_model = loader.causal(reference.path)
         models = {"policy": policy, "sft": sft0, **({"ppo": baseline} if baseline else {})}
         answers = {}
         for name, entry in models.items():
             answers[name] = answer(
-                load_causal_lm(entry.path).eval(),
+                loader.causal(entry.path),
                 tok,
                 prompts,
                 e,

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from peft import get_peft_model
 from torch.utils.data import DataLoader
 
 from salsa.cache import Entry
 from salsa.context import Context, log, plain
 from salsa.data import LMDataset, lm_batch
 from salsa.functional import lm_token_nll, warmup_cosine
+from salsa.lora import BaseSettings, base_tokenizer, enable_checkpointing, load_base, uses_adapters
 from salsa.models import load_causal_lm, load_tokenizer
 
 
@@ -40,7 +42,7 @@ class SFTModule(pl.LightningModule):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll, n = lm_token_nll(logits, batch["labels"])
         loss = nll / n.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self):
@@ -98,6 +100,25 @@ def sft_val_dataset(ctx: Context, tokenizer) -> LMDataset:
     return LMDataset.from_examples(tokenizer, ctx.data.sft_val, s.max_prompt_length, s.max_response_length)
 
 
+def build_adapter(ctx: Context, base: Entry, index: int, seed: int, work: Path, run_id: str | None) -> dict:
+    """SFT ingredient as a LoRA adapter on the frozen (4-bit) base; the seed sets its initial A, data order and
+    LoRA dropout."""
+    s, settings = ctx.cfg.sft, BaseSettings.from_cfg(ctx.cfg.model)
+    tok = base_tokenizer(settings)
+    model = load_base(settings, ctx.device)
+    if settings.gradient_checkpointing:
+        enable_checkpointing(model)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model = get_peft_model(model, settings.lora.config(task_type="CAUSAL_LM"))
+    train = LMDataset.from_examples(tok, ctx.data.sft_train, s.max_prompt_length, s.max_response_length)
+    fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed)
+    model.save_pretrained(str(work))
+    tok.save_pretrained(str(work))
+    val_loss = heldout_loss(model, sft_val_dataset(ctx, tok), tok.pad_token_id)
+    log.info("[sft %d] held-out loss %.4f (LoRA adapter)", index, val_loss)
+    return {"metrics": {"val_loss": val_loss}, "format": "lora", "base": base.key, "index": index, "seed": seed}
+
+
 def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
     """SFT ingredient `index`: the base fine-tuned on the demonstrations with seed `sft.seed + index`."""
     cfg = ctx.cfg
@@ -106,6 +127,8 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
     def build(work: Path, run_id: str | None) -> dict:
         s = cfg.sft
         seed = s.seed + index
+        if uses_adapters(cfg.model):
+            return build_adapter(ctx, base, index, seed, work, run_id)
         tok = load_tokenizer(base.path)
         model = load_causal_lm(base.path)
         model.config.attention_dropout = s.attention_dropout  # dropout is one of the seeds' sources of diversity
