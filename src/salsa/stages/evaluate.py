@@ -20,6 +20,8 @@ from salsa.generation import decode, encode_prompts, sample
 from salsa.lora import model_loader
 from salsa.models import load_tokenizer, sequence_scores
 
+EXPORT_KEYS = ("export", "answers")  # settings of the export stage, which do not change the evaluation
+
 
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None) -> dict:
@@ -48,7 +50,8 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
     cfg = ctx.cfg
     spec = {
         "policy": policy.key, "sft": sft0.key, "baseline": baseline.key if baseline else None, "rm": rm.key,
-        "reference": reference.key, "eval": plain(cfg.eval), "data": plain(cfg.data),
+        "reference": reference.key, "data": plain(cfg.data),
+        "eval": {k: v for k, v in plain(cfg.eval).items() if k not in EXPORT_KEYS},  # export has its own stage
     }  # fmt: skip
 
     def build(work: Path, run_id: str | None) -> dict:
