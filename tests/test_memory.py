@@ -10,6 +10,7 @@ from salsa.memory import (
     activation_bytes,
     adam_bytes,
     estimate,
+    estimate_supervised,
     generation_logits_bytes,
     kv_cache_bytes,
     layer_activation_bytes,
@@ -70,6 +71,9 @@ def test_estimate_parts_add_up():
     # frozen = the soup (rank 3·2) + the reward adapter (rank 2); trainable = two rank-2 adapters + the value head
     assert parts["frozen_adapter_parameters"] == 4 * parts["adapter_parameters"]
     assert parts["trainable_parameters"] == 2 * parts["adapter_parameters"] + 64
+    # SFT differs from RM training on the same tokens by the LM head's logits (and their gradient)
+    sft = estimate_supervised(shapes, "nf4", 2, batch=3, seq=7, lm_head=True)
+    assert sft - estimate_supervised(shapes, "nf4", 2, batch=3, seq=7, lm_head=False) == logits_bytes(21, 96, True)
     plain = estimate(shapes, "none", r=2, ingredients=3, rollout_batch=4, minibatch=2, prompt_len=3, response_len=5)
     assert plain["base_weights"] > parts["base_weights"]
 
@@ -81,5 +85,13 @@ def test_presets_estimate_offline(monkeypatch, capsys, preset, billions):
     text = main([f"model={preset}", "ppo.batch_size=8", "ppo.num_minibatches=2", "ppo.response_length=128"])
     assert text in capsys.readouterr().out
     assert f"parameters            {billions:.2f} B" in text
-    for part in ("base weights", "adapters", "grads + optimizer", "activations (train)", "rollout", "estimated peak"):
+    for part in (
+        "base weights",
+        "adapters",
+        "grads + optimizer",
+        "activations (train)",
+        "rollout",
+        "SFT peak",
+        "needs",
+    ):
         assert part in text

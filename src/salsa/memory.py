@@ -5,8 +5,8 @@
 
 The model is built on the meta device from the preset's shipped config (`model.arch`), so nothing is downloaded.
 Sizes come from the config: rollout batch `ppo.batch_size`, training minibatch `ppo.batch_size / num_minibatches`,
-sequence `ppo.max_prompt_length + ppo.response_length`, `len(ref.ingredients)` soup ingredients. PPO is the stage
-with the most in memory (four models, generation and training); SFT and RM need less.
+sequence `ppo.max_prompt_length + ppo.response_length`, `len(ref.ingredients)` soup ingredients. SFT and RM
+peaks use `sft.*` / `rm.*` batch sizes and lengths; the run needs the largest of the three.
 
 Each term is a small function below. Activations are an approximation: the tensors autograd keeps for one decoder
 layer in bf16, counted for a Llama/Gemma layer; CUDA's context and allocator fragmentation (~0.5-1 GiB) come on top.
@@ -175,6 +175,27 @@ def estimate(
     return parts
 
 
+def estimate_supervised(
+    shapes: Shapes, quant: str, r: int, batch: int, seq: int, lm_head: bool, checkpointing: bool = True
+) -> float:
+    """Peak bytes of SFT (`lm_head`: logits on every position) or reward-model training: the base, one trainable
+    adapter with its optimizer, one forward's activations."""
+    other = shapes.parameters - shapes.linear
+    base = (nf4_bytes(shapes.linear) if quant == "nf4" else shapes.linear * BF16) + other * BF16
+    adapter = lora_parameters(shapes.targets, r) + shapes.hidden
+    tokens = batch * seq
+    acts = activation_bytes(
+        shapes.layers, tokens, shapes.hidden, shapes.q_dim, shapes.kv_dim, shapes.intermediate, checkpointing
+    )
+    return (
+        base
+        + adapter * FP32
+        + adam_bytes(adapter)
+        + acts
+        + (logits_bytes(tokens, shapes.vocab, True) if lm_head else 0)
+    )
+
+
 def estimate_from_cfg(cfg) -> tuple[dict[str, float], dict[str, Any]]:
     m, p = cfg.model, cfg.ppo
     if not m.get("arch") or "model_type" not in m.arch:
@@ -195,6 +216,25 @@ def estimate_from_cfg(cfg) -> tuple[dict[str, float], dict[str, Any]]:
         checkpointing=bool(m.get("gradient_checkpointing", True)),
         **sizes,
     )
+    quant, ckpt = m.get("quant", "none"), bool(m.get("gradient_checkpointing", True))
+    parts["sft_peak"] = estimate_supervised(
+        shapes,
+        quant,
+        lora["r"],
+        cfg.sft.batch_size,
+        cfg.sft.max_prompt_length + cfg.sft.max_response_length,
+        True,
+        ckpt,
+    )
+    parts["rm_peak"] = estimate_supervised(
+        shapes,
+        quant,
+        lora["r"],
+        2 * cfg.rm.batch_size,
+        cfg.rm.max_prompt_length + cfg.rm.max_response_length,
+        False,
+        ckpt,
+    )  # chosen and rejected in one forward
     return parts, {"model": m.name, "name_or_path": m.get("name_or_path"), "quant": m.get("quant", "none"), **sizes}
 
 
@@ -213,7 +253,11 @@ def report(parts: dict[str, float], info: dict[str, Any]) -> str:
         f"  grads + optimizer     {gib['grads_and_optimizer']:6.2f} GiB",
         f"  activations (train)   {gib['activations_train']:6.2f} GiB",
         f"  rollout (KV + logits) {gib['rollout']:6.2f} GiB",
-        f"  estimated peak        {gib['peak']:6.2f} GiB  (+ CUDA context and fragmentation)",
+        f"  PPO peak              {gib['peak']:6.2f} GiB",
+        f"  SFT peak              {gib['sft_peak']:6.2f} GiB  (sft.batch_size sequences of the SFT lengths)",
+        f"  RM peak               {gib['rm_peak']:6.2f} GiB  (2 x rm.batch_size sequences)",
+        f"  the run needs         {max(gib['peak'], gib['sft_peak'], gib['rm_peak']):6.2f} GiB  "
+        "(+ CUDA context and fragmentation, ~0.5-1 GiB)",
     ]
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from salsa.context import Context
+from salsa.distributed import is_global_zero
 from salsa.pipeline import run, write_results
 from salsa.tracking import Tracker
 
@@ -74,6 +75,9 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.extras.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
     out = output_dir(cfg)
+    if not is_global_zero():  # another DDP rank: it trains alongside rank 0, which alone tracks and reports
+        run(cfg, Context.from_cfg(cfg, Tracker(None)))
+        return None
     tracker = Tracker.from_cfg(cfg)
     tracker.start_parent(f"{cfg.task_name}-{cfg.ref.name}", cfg, tags={"ref": cfg.ref.name, "output_dir": str(out)})
     ctx = Context.from_cfg(cfg, tracker)

@@ -189,7 +189,8 @@ class PPOModule(pl.LightningModule):
         stats = {k: v.float() for k, v in stats.items()}
         self.log_dict(stats, on_step=True, on_epoch=False, sync_dist=True, batch_size=c.batch_size)
         self.log("step", float(iteration), on_step=True, on_epoch=False)  # MLflow x-axis = PPO iteration
-        self.last_stats = {k: float(v) for k, v in stats.items()}
+        # the values reduced across DDP ranks (each rank rolled out its own prompts)
+        self.last_stats = {k: float(self.trainer.callback_metrics.get(k, v)) for k, v in stats.items()}
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(_OneBatch(), batch_size=1)
