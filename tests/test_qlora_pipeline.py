@@ -38,6 +38,7 @@ def test_qlora_pipeline_on_local_checkpoint_and_files(tmp_path):
         f"data.path={data}",
         "ref=soup2",
         "ppo.response_length=6",
+        "ppo.iterations=1",
         "eval.export=mt_bench",
         f"eval.answers.questions={questions}",
         "eval.answers.max_new_tokens=5",
