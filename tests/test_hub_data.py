@@ -6,7 +6,7 @@ import datasets
 import pytest
 
 from salsa.data import prompt_ids
-from salsa.hub_data import DataError, hh_rlhf_data, split_transcript, text_problem, ultrafeedback_data
+from salsa.hub_data import DataError, hub_data, split_transcript, text_problem
 from tests.hub_fixtures import (
     GOOD,
     PROMPTS,
@@ -18,11 +18,13 @@ from tests.hub_fixtures import (
     write_jsonl,
 )
 
+UF, HH = "HuggingFaceH4/ultrafeedback_binarized", "Anthropic/hh-rlhf"
+
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_ultrafeedback_from_local_files(tmp_path, fmt):
     root = ultrafeedback_dir(tmp_path, n=12, fmt=fmt)
-    data = ultrafeedback_data(path=str(root), n_sft_val=4, n_pairs_val=5, n_eval_prompts=3, n_pretrain=2)
+    data = hub_data("ultrafeedback", UF, path=str(root), n_sft_val=4, n_pairs_val=5, n_eval_prompts=3, n_pretrain=2)
     assert len(data.sft_train) == 12 and len(data.sft_val) == 4 and len(data.pairs_val) == 5
     assert len(data.pairs_train) == 12 and data.judge is None
     # prompts are the distinct prompts of the preference splits
@@ -42,7 +44,7 @@ def test_rows_with_empty_prompt_or_long_text_are_dropped_and_counted(tmp_path, c
     for split in ("train_sft", "test_sft", "train_prefs", "test_prefs"):
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
     with caplog.at_level(logging.INFO, logger="salsa"):
-        data = ultrafeedback_data(path=str(tmp_path), max_response_chars=100)
+        data = hub_data("ultrafeedback", UF, path=str(tmp_path), max_response_chars=100)
     assert len(data.sft_train) == 4  # empty prompt, too-long response
     assert len(data.pairs_train) == 4  # empty prompt, empty chosen
     assert "train_sft: kept 4, dropped {'empty prompt': 1, 'response too long': 1}" in caplog.text
@@ -62,9 +64,9 @@ def test_missing_column_fails_clearly(tmp_path):
     for split in ("train_sft", "test_sft", "train_prefs", "test_prefs"):
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
     with pytest.raises(DataError, match="has no column 'messages'"):
-        ultrafeedback_data(path=str(tmp_path))
+        hub_data("ultrafeedback", UF, path=str(tmp_path))
     with pytest.raises(DataError, match="no file for split 'train'"):
-        hh_rlhf_data(path=str(tmp_path))
+        hub_data("hh_rlhf", HH, path=str(tmp_path))
 
 
 def test_hub_path_asks_datasets_for_the_split(monkeypatch):
@@ -75,7 +77,7 @@ def test_hub_path_asks_datasets_for_the_split(monkeypatch):
         return datasets.Dataset.from_list(hh_rlhf_rows(4))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    data = hh_rlhf_data()
+    data = hub_data("hh_rlhf", HH)
     assert calls == [("Anthropic/hh-rlhf", "train"), ("Anthropic/hh-rlhf", "test")]
     assert len(data.pairs_train) == 4
 
@@ -91,7 +93,7 @@ def test_split_transcript():
 
 def test_hh_rlhf_pairs_share_the_dialogue(tmp_path, caplog):
     root = hh_rlhf_dir(tmp_path, n=8, fmt="parquet")
-    data = hh_rlhf_data(path=str(root))
+    data = hub_data("hh_rlhf", HH, path=str(root))
     assert len(data.pairs_train) == 8 and len(data.sft_train) == 8
     assert all(p.chosen in GOOD for p in data.pairs_train)
     assert any(p.prompt.startswith("Human: hello") for p in data.pairs_train)  # multi-turn history kept
@@ -100,7 +102,7 @@ def test_hh_rlhf_pairs_share_the_dialogue(tmp_path, caplog):
     write_jsonl(tmp_path / "mixed" / "train.jsonl", rows)
     write_jsonl(tmp_path / "mixed" / "test.jsonl", rows)
     with caplog.at_level(logging.INFO, logger="salsa"):
-        data = hh_rlhf_data(path=str(tmp_path / "mixed"))
+        data = hub_data("hh_rlhf", HH, path=str(tmp_path / "mixed"))
     assert len(data.pairs_train) == 3 and "'different prompts': 1" in caplog.text
 
 

@@ -5,9 +5,9 @@ Each loader reads the hub dataset with `datasets.load_dataset`, or local jsonl/p
 prompt or response, or text longer than the configured limits, are dropped and counted in the log; a missing column
 fails with a message naming it. There is no gold judge: evaluation judges with the reward model.
 
-- `ultrafeedback_data`: HuggingFaceH4/ultrafeedback_binarized. SFT on `train_sft` (`test_sft` held out), reward
+- `ultrafeedback`: HuggingFaceH4/ultrafeedback_binarized. SFT on `train_sft` (`test_sft` held out), reward
   model on `train_prefs` / `test_prefs`, PPO prompts from `train_prefs`, evaluation prompts from `test_prefs`.
-- `hh_rlhf_data`: Anthropic/hh-rlhf, `chosen`/`rejected` transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...") split
+- `hh_rlhf`: Anthropic/hh-rlhf, `chosen`/`rejected` transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...") split
   into the dialogue before the final assistant turn (the prompt) and that turn (the response). SFT on the chosen
   responses of `train` (`test` held out), pairs from `train` / `test`, prompts likewise.
 """
@@ -19,7 +19,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from salsa.data import TaskData
 from salsa.task.synthetic import Example, Pair
@@ -32,6 +32,15 @@ FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 class DataError(ValueError):
     """A data file or row that does not have the expected schema."""
+
+
+class Splits(NamedTuple):
+    """What a hub dataset provides, before subsampling."""
+
+    sft_train: list[Example]
+    sft_test: list[Example]
+    pairs_train: list[Pair]
+    pairs_test: list[Pair]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,29 +125,13 @@ def last_assistant(messages: Sequence[dict[str, str]], where: str) -> str:
     return messages[-1].get("content") or ""
 
 
-def ultrafeedback_data(
-    dataset: str = "HuggingFaceH4/ultrafeedback_binarized",
-    path: str | None = None,
-    seed: int = 0,
-    max_prompt_chars: int = 2000,
-    max_response_chars: int = 4000,
-    n_pretrain: int = 0,
-    n_sft: int | None = None,
-    n_sft_val: int | None = 500,
-    n_pairs: int | None = None,
-    n_pairs_val: int | None = 500,
-    n_prompts: int | None = None,
-    n_eval_prompts: int | None = 500,
-) -> TaskData:
-    limits = (max_prompt_chars, max_response_chars)
-
-    def examples(split: str, n: int | None) -> list[Example]:
+def read_ultrafeedback(dataset: str, path: str | None, limits: tuple[int, int]) -> Splits:
+    def examples(split: str) -> list[Example]:
         rows = read_split(dataset, path, split, ["prompt", "messages"])
         items = [Example(r["prompt"], last_assistant(r["messages"], f"{split} row")) for r in rows]
-        kept, _ = keep_valid(items, lambda e: text_problem(e.prompt, [e.response], *limits), split)
-        return subsample(kept, n, seed)
+        return keep_valid(items, lambda e: text_problem(e.prompt, [e.response], *limits), split)[0]
 
-    def pairs(split: str, n: int | None) -> list[Pair]:
+    def pairs(split: str) -> list[Pair]:
         rows = read_split(dataset, path, split, ["prompt", "chosen", "rejected"])
         items = [
             Pair(
@@ -149,21 +142,9 @@ def ultrafeedback_data(
             )
             for r in rows
         ]
-        kept, _ = keep_valid(items, lambda p: text_problem(p.prompt, [p.chosen, p.rejected], *limits), split)
-        return subsample(kept, n, seed)
+        return keep_valid(items, lambda p: text_problem(p.prompt, [p.chosen, p.rejected], *limits), split)[0]
 
-    pairs_train, pairs_test = pairs("train_prefs", n_pairs), pairs("test_prefs", None)
-    sft_train = examples("train_sft", n_sft)
-    return TaskData(
-        name="ultrafeedback",
-        pretrain=documents(sft_train, n_pretrain),
-        sft_train=sft_train,
-        sft_val=examples("test_sft", n_sft_val),
-        pairs_train=pairs_train,
-        pairs_val=subsample(pairs_test, n_pairs_val, seed),
-        prompts_train=subsample(unique(p.prompt for p in pairs_train), n_prompts, seed),
-        prompts_eval=subsample(unique(p.prompt for p in pairs_test), n_eval_prompts, seed),
-    )
+    return Splits(examples("train_sft"), examples("test_sft"), pairs("train_prefs"), pairs("test_prefs"))
 
 
 def unique(items: Iterable[str]) -> list[str]:
@@ -190,22 +171,7 @@ def split_transcript(transcript: str) -> tuple[str, str]:
     return history.strip(), response.strip()
 
 
-def hh_rlhf_data(
-    dataset: str = "Anthropic/hh-rlhf",
-    path: str | None = None,
-    seed: int = 0,
-    max_prompt_chars: int = 2000,
-    max_response_chars: int = 4000,
-    n_pretrain: int = 0,
-    n_sft: int | None = None,
-    n_sft_val: int | None = 500,
-    n_pairs: int | None = None,
-    n_pairs_val: int | None = 500,
-    n_prompts: int | None = None,
-    n_eval_prompts: int | None = 500,
-) -> TaskData:
-    limits = (max_prompt_chars, max_response_chars)
-
+def read_hh_rlhf(dataset: str, path: str | None, limits: tuple[int, int]) -> Splits:
     def pairs(split: str) -> list[Pair]:
         rows = read_split(dataset, path, split, ["chosen", "rejected"])
         items: list[Pair | str] = []
@@ -221,14 +187,46 @@ def hh_rlhf_data(
         return keep_valid(items, problem, split)[0]
 
     train, test = pairs("train"), pairs("test")
-    sft_train = subsample([Example(p.prompt, p.chosen) for p in train], n_sft, seed)
+    return Splits(
+        [Example(p.prompt, p.chosen) for p in train], [Example(p.prompt, p.chosen) for p in test], train, test
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------------------------------
+READERS = {"ultrafeedback": read_ultrafeedback, "hh_rlhf": read_hh_rlhf}
+
+
+def hub_data(
+    kind: str,
+    dataset: str,
+    path: str | None = None,
+    seed: int = 0,
+    max_prompt_chars: int = 2000,
+    max_response_chars: int = 4000,
+    n_pretrain: int = 0,
+    n_sft: int | None = None,
+    n_sft_val: int | None = 500,
+    n_pairs: int | None = None,
+    n_pairs_val: int | None = 500,
+    n_prompts: int | None = None,
+    n_eval_prompts: int | None = 500,
+) -> TaskData:
+    """The task of hub dataset `kind` (ultrafeedback | hh_rlhf), read from `dataset` on the hub or from `path`.
+    `n_*` take seeded subsets (None = all); prompts are the distinct prompts of the preference pairs."""
+    if kind not in READERS:
+        raise DataError(f"unknown hub dataset kind {kind!r}; known: {sorted(READERS)}")
+    splits = READERS[kind](dataset, path, (max_prompt_chars, max_response_chars))
+    sft_train = subsample(splits.sft_train, n_sft, seed)
+    pairs_train = subsample(splits.pairs_train, n_pairs, seed)
     return TaskData(
-        name="hh_rlhf",
+        name=kind,
         pretrain=documents(sft_train, n_pretrain),
         sft_train=sft_train,
-        sft_val=subsample([Example(p.prompt, p.chosen) for p in test], n_sft_val, seed),
-        pairs_train=subsample(train, n_pairs, seed),
-        pairs_val=subsample(test, n_pairs_val, seed),
-        prompts_train=subsample(unique(p.prompt for p in train), n_prompts, seed),
-        prompts_eval=subsample(unique(p.prompt for p in test), n_eval_prompts, seed),
+        sft_val=subsample(splits.sft_test, n_sft_val, seed),
+        pairs_train=pairs_train,
+        pairs_val=subsample(splits.pairs_test, n_pairs_val, seed),
+        prompts_train=subsample(unique(p.prompt for p in pairs_train), n_prompts, seed),
+        prompts_eval=subsample(unique(p.prompt for p in splits.pairs_test), n_eval_prompts, seed),
     )

@@ -31,14 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
-from salsa.models import (
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    position_ids_from_mask,
-    scalar_head_outputs,
-    sequence_scores,
-)
+from salsa.actors import FullActors
+from salsa.models import load_causal_lm, load_reward_model, load_tokenizer, position_ids_from_mask
 from salsa.soup import ADAPTER_CONFIG, ADAPTER_WEIGHTS, soup_lora_adapters
 
 QUANT = ("nf4", "none")
@@ -397,11 +391,11 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     return logits[:, :-1]
 
 
-class AdapterActors(nn.Module):
+class AdapterActors(FullActors):
     """`FullActors`' interface on one shared base (see the module docstring for which adapters make which model)."""
 
     def __init__(self, shared: SharedBase, policy: Sequence[str], reference: Sequence[str], value: str, reward: str):
-        super().__init__()
+        nn.Module.__init__(self)  # not FullActors': freezing the reference would freeze the shared base's adapters
         if value not in shared.heads or reward not in shared.heads:
             raise AdapterError("value and reward adapters need scalar heads (load them from a reward model)")
         self.shared = shared
@@ -410,22 +404,14 @@ class AdapterActors(nn.Module):
         self.value = shared.scalar([value], value)
         self.reward = shared.scalar([reward], reward)
 
-    @property
-    def generator(self) -> nn.Module:
-        return self.policy
+    def train(self, mode: bool = True):
+        return nn.Module.train(self, mode)  # one base for all: frozen models are frozen by their adapters
 
     def policy_logits(self, sequences, attention_mask, prompt_len):
         return response_logits(self.policy, sequences, attention_mask, prompt_len)
 
     def reference_logits(self, sequences, attention_mask, prompt_len):
         return response_logits(self.reference, sequences, attention_mask, prompt_len)
-
-    def values(self, sequences, attention_mask, prompt_len):
-        """V(s_t) for the state before each response token."""
-        return scalar_head_outputs(self.value, sequences, attention_mask)[:, prompt_len - 1 : -1]
-
-    def scores(self, sequences, attention_mask):
-        return sequence_scores(self.reward, sequences, attention_mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -100,23 +100,15 @@ def sft_val_dataset(ctx: Context, tokenizer) -> LMDataset:
     return LMDataset.from_examples(tokenizer, ctx.data.sft_val, s.max_prompt_length, s.max_response_length)
 
 
-def build_adapter(ctx: Context, base: Entry, index: int, seed: int, work: Path, run_id: str | None) -> dict:
-    """SFT ingredient as a LoRA adapter on the frozen (4-bit) base; the seed sets its initial A, data order and
-    LoRA dropout."""
-    s, settings = ctx.cfg.sft, BaseSettings.from_cfg(ctx.cfg.model)
-    tok = base_tokenizer(settings)
+def adapter_model(ctx: Context, seed: int):
+    """The tokenizer and a fresh LoRA adapter on the frozen (4-bit) base; the seed sets the adapter's initial A (and,
+    in training, the data order and LoRA dropout)."""
+    settings = BaseSettings.from_cfg(ctx.cfg.model)
     model = load_base(settings, ctx.device)
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     pl.seed_everything(seed, workers=True, verbose=False)
-    model = get_peft_model(model, settings.lora.config(task_type="CAUSAL_LM"))
-    train = LMDataset.from_examples(tok, ctx.data.sft_train, s.max_prompt_length, s.max_response_length)
-    fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed)
-    model.save_pretrained(str(work))
-    tok.save_pretrained(str(work))
-    val_loss = heldout_loss(model, sft_val_dataset(ctx, tok), tok.pad_token_id)
-    log.info("[sft %d] held-out loss %.4f (LoRA adapter)", index, val_loss)
-    return {"metrics": {"val_loss": val_loss}, "format": "lora", "base": base.key, "index": index, "seed": seed}
+    return base_tokenizer(settings), get_peft_model(model, settings.lora.config(task_type="CAUSAL_LM"))
 
 
 def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
@@ -127,17 +119,20 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
     def build(work: Path, run_id: str | None) -> dict:
         s = cfg.sft
         seed = s.seed + index
-        if uses_adapters(cfg.model):
-            return build_adapter(ctx, base, index, seed, work, run_id)
-        tok = load_tokenizer(base.path)
-        model = load_causal_lm(base.path)
-        model.config.attention_dropout = s.attention_dropout  # dropout is one of the seeds' sources of diversity
+        adapters = uses_adapters(cfg.model)
+        if adapters:  # a LoRA adapter on the frozen base, saved as a peft adapter directory
+            tok, model = adapter_model(ctx, seed)
+        else:
+            tok = load_tokenizer(base.path)
+            model = load_causal_lm(base.path)
+            model.config.attention_dropout = s.attention_dropout  # dropout is one of the seeds' sources of diversity
         train = LMDataset.from_examples(tok, ctx.data.sft_train, s.max_prompt_length, s.max_response_length)
         fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed)
         model.save_pretrained(str(work))
         tok.save_pretrained(str(work))
         val_loss = heldout_loss(model, sft_val_dataset(ctx, tok), tok.pad_token_id)
         log.info("[sft %d] held-out loss %.4f", index, val_loss)
-        return {"metrics": {"val_loss": val_loss}, "format": "full", "base": base.key, "index": index, "seed": seed}
+        fmt = "lora" if adapters else "full"
+        return {"metrics": {"val_loss": val_loss}, "format": fmt, "base": base.key, "index": index, "seed": seed}
 
     return ctx.build("sft", spec, build)
