@@ -15,6 +15,7 @@ import torch
 
 from salsa.cache import Entry
 from salsa.context import Context, log, plain
+from salsa.data import report_long_prompts
 from salsa.functional import adjusted_win_rate, token_logprobs
 from salsa.generation import decode, encode_prompts, sample
 from salsa.models import load_causal_lm, load_reward_model, load_tokenizer, sequence_scores
@@ -55,6 +56,7 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
         data = ctx.data
         prompts = [p for p in data.prompts_eval for _ in range(e.samples_per_prompt)]
         tok = load_tokenizer(policy.path)
+        report_long_prompts(tok, data.prompts_eval, e.max_prompt_length, "eval.max_prompt_length")
         reward_model = load_reward_model(rm.path).eval()
         ref_model = load_causal_lm(reference.path).eval()
         models = {"policy": policy, "sft": sft0, **({"ppo": baseline} if baseline else {})}
