@@ -53,3 +53,28 @@ def test_rank_from_launcher_environment(monkeypatch, env, zero, name):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert is_global_zero() is zero and rank_name() == name
+
+
+def test_other_ranks_build_in_scratch_and_publish_nothing(tmp_path, monkeypatch):
+    """Without a process group yet (the first build), a non-zero rank trains in its own scratch directory, restores
+    rank 0's checkpoint when rank 0 resumes, and never writes the cache's published entries or build log."""
+    cfg = make_cfg(tmp_path, "logger=none", "extras.keep_rank_outputs=true")
+    ctx = Context.from_cfg(cfg)
+    spec = {"x": 1}
+    from salsa.cache import stage_key
+
+    key = stage_key("sft", spec)
+    resume = ctx.cache.root / "sft" / f"{key}.partial" / "checkpoints"
+    resume.mkdir(parents=True)
+    (resume / "last.ckpt").write_text("rank 0's checkpoint")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    seen = {}
+
+    def build(work, run_id):
+        seen["work"], seen["ckpt"] = work, (work / "checkpoints" / "last.ckpt").read_text()
+        return {"metrics": {"val_loss": 1.5}}
+
+    entry = ctx.build("sft", spec, build)
+    assert seen["ckpt"] == "rank 0's checkpoint" and seen["work"].name == f"{key}.rank0-1"
+    assert entry.path == seen["work"] and entry.manifest["metrics"] == {"val_loss": 1.5}
+    assert ctx.cache.lookup("sft", key) is None and ctx.cache.builds() == []

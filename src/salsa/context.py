@@ -19,13 +19,27 @@ from salsa.cache import MANIFEST, Entry, StageCache, stage_key
 from salsa.data import TaskData
 from salsa.distributed import barrier, broadcast_from_zero, connected, is_global_zero, rank_name
 from salsa.tracking import Tracker
+from salsa.training import CKPT_DIR
 
 log = logging.getLogger("salsa")
 
 
+# config fields that change how a stage runs but not what it produces: left out of cache keys
+NOT_IN_KEY = ("ckpt_every",)
+
+
 def plain(cfg: Any) -> Any:
-    """A config node as plain JSON-able Python (for cache specs)."""
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    """A config node as plain JSON-able Python for a cache spec, without the fields in NOT_IN_KEY."""
+    if not OmegaConf.is_config(cfg):
+        return cfg
+    out = OmegaConf.to_container(cfg, resolve=True)
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in NOT_IN_KEY}
+        return node
+
+    return strip(out)
 
 
 @dataclass
@@ -91,6 +105,9 @@ class Context:
         scratch = self.cache.root / stage / f"{key}.rank{rank_name()}"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
+        resume = self.cache.root / stage / f"{key}.partial" / CKPT_DIR
+        if resume.is_dir():  # rank 0 resumes an interrupted build: every rank must restore the same checkpoint
+            shutil.copytree(resume, scratch / CKPT_DIR)
         meta = fn(scratch, None) or {}
         keep = bool(self.cfg.extras.get("keep_rank_outputs"))
         if keep:  # to compare replicas with rank 0's output

@@ -34,8 +34,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from salsa.actors import FullActors
 from salsa.models import load_causal_lm, load_reward_model, load_tokenizer, position_ids_from_mask
 from salsa.soup import ADAPTER_CONFIG, ADAPTER_WEIGHTS, soup_lora_adapters
+from salsa.validate import QUANT
 
-QUANT = ("nf4", "none")
 HEAD = "score"  # the scalar head of a *ForSequenceClassification model (saved by peft as a module to save)
 
 
@@ -203,7 +203,7 @@ class SharedBase(nn.Module):
         self.lm = lm
         self.base_name = base_name
         self.heads = nn.ModuleDict()
-        self._peft = None  # PeftModel wrapping lm (not a submodule: lm already is, adapters are injected in place)
+        self._peft = None  # the PeftModel that manages the adapters (see `_add`)
         self._layers: list[BaseTunerLayer] = []
         self._trainable: set[str] = set()
         self._active: tuple[str, ...] = ()
@@ -225,7 +225,8 @@ class SharedBase(nn.Module):
             raise AdapterError(f"adapter {name!r} already exists")
         config.inference_mode = not trainable
         if self._peft is None:
-            self._peft = get_peft_model(self.lm, config, adapter_name=name)
+            # kept out of the module tree: it wraps `lm`, whose layers already hold the injected adapters
+            object.__setattr__(self, "_peft", get_peft_model(self.lm, config, adapter_name=name))
         else:
             self._peft.add_adapter(name, config)
         self._layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]

@@ -15,6 +15,7 @@ import torch
 
 from salsa.cache import Entry
 from salsa.context import Context, log, plain
+from salsa.data import report_long_prompts
 from salsa.functional import adjusted_win_rate, token_logprobs
 from salsa.generation import decode, encode_prompts, sample
 from salsa.lora import model_loader
@@ -59,6 +60,7 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
         data = ctx.data
         prompts = [p for p in data.prompts_eval for _ in range(e.samples_per_prompt)]
         tok = load_tokenizer(policy.path)
+        report_long_prompts(tok, data.prompts_eval, e.max_prompt_length, "eval.max_prompt_length")
         loader = model_loader(cfg.model, ctx.device)  # full checkpoints, or adapters on one shared base
         reward_model = loader.reward(rm.path)
         ref_model = loader.causal(reference.path)
