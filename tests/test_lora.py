@@ -241,3 +241,18 @@ def test_adapter_errors(plan, tmp_path):
         with pytest.raises(AdapterError, match="does not fit"):
             actors.shared.load_adapter(case, bad)
         assert case not in actors.shared.adapters  # a failed load leaves nothing behind
+
+
+def test_checkpoints_hold_only_trainable_tensors(plan):
+    """Lightning's resume checkpoints of the QLoRA actors hold the trained adapters and head, not the 4-bit base."""
+    _, _, _, actors = plan
+    state = actors.state_dict()
+    trainable = {n for n, p in actors.named_parameters() if p.requires_grad}
+    assert set(state) == trainable
+    changed = {k: v + 1.0 for k, v in state.items()}
+    result = actors.load_state_dict(changed, strict=True)  # the frozen tensors' absence is not an error
+    assert not result.missing_keys and not result.unexpected_keys
+    for name, p in actors.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), changed[name])
+    actors.load_state_dict(state)

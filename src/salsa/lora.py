@@ -137,6 +137,7 @@ def load_base(settings: BaseSettings, device: torch.device | str, scalar_head: b
         revision=settings.revision,
         dtype=dtype,
         trust_remote_code=settings.trust_remote_code,
+        use_safetensors=True,  # never unpickle downloaded weights
         **kwargs,
     )
     if quant is None:
@@ -158,6 +159,36 @@ def enable_checkpointing(model: nn.Module, context_fn=None) -> None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers releases before the rename
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpoint_trainable_only(module: nn.Module) -> nn.Module:
+    """Make `module`'s state dict (and so Lightning's resume checkpoints) hold only its trainable tensors.
+
+    The frozen base and frozen adapters never change and are reloaded from their own files, so checkpointing them
+    every interval would only cost time and disk (a whole 4-bit base each time); when a checkpoint is loaded their
+    absence is not an error.
+    """
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}  # tied too
+    frozen_modules = {name.rsplit(".", 1)[0] for name in frozen}
+
+    def is_frozen(name: str) -> bool:  # `name` relative to `module`
+        head, sep, _ = name.partition(".weight.")  # the quantisation state 4-bit layers save beside a weight
+        return name in frozen or (bool(sep) and head in frozen_modules)
+
+    def drop(mod, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(prefix) and is_frozen(k[len(prefix) :])]:
+            del state_dict[key]
+
+    def allow_missing(mod, incompatible_keys):  # keys are named from the root module: try each suffix
+        def frozen_key(key: str) -> bool:
+            parts = key.split(".")
+            return any(is_frozen(".".join(parts[i:])) for i in range(len(parts)))
+
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not frozen_key(k)]
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_post_hook(allow_missing)
+    return module
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -333,12 +364,29 @@ class SharedBase(nn.Module):
         (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
 
 
-class CausalView(nn.Module):
-    """The shared base with some adapters on, usable where a causal LM is expected (forward, generate)."""
+class _View(nn.Module):
+    """The shared base with some adapters on. The base is not registered as a submodule: it lives once in whatever
+    owns the views, so state dicts and optimisers see each tensor once. Mode and parameters are the base's."""
 
     def __init__(self, shared: SharedBase, names: Sequence[str]):
         super().__init__()
-        self.shared, self.names = shared, tuple(names)
+        object.__setattr__(self, "shared", shared)
+        self.names = tuple(names)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self.shared.train(mode)
+        return self
+
+    def parameters(self, recurse: bool = True):
+        return self.shared.parameters(recurse)
+
+    def named_parameters(self, *args, **kwargs):
+        return self.shared.named_parameters(*args, **kwargs)
+
+
+class CausalView(_View):
+    """Usable where a causal LM is expected (forward, generate)."""
 
     @property
     def config(self):
@@ -353,27 +401,23 @@ class CausalView(nn.Module):
             return self.shared.lm.generate(*args, **kwargs)
 
 
-class _Backbone(nn.Module):
-    def __init__(self, shared: SharedBase, names: Sequence[str]):
-        super().__init__()
-        self.shared, self.names = shared, tuple(names)
-
+class _Backbone(_View):
     def forward(self, *args, **kwargs):
         lm = self.shared.lm
         with self.shared.active(self.names):
             return getattr(lm, lm.base_model_prefix)(*args, **kwargs)
 
 
-class ScalarView(nn.Module):
-    """The shared base's backbone with some adapters on, plus a scalar head: a `*ForSequenceClassification` look-alike
-    (`base_model_prefix` backbone + `score`), so `salsa.models.scalar_head_outputs` reads it unchanged."""
+class ScalarView(_View):
+    """The backbone plus a scalar head: a `*ForSequenceClassification` look-alike (`base_model_prefix` backbone +
+    `score`), so `salsa.models.scalar_head_outputs` reads it unchanged."""
 
     base_model_prefix = "backbone"
 
     def __init__(self, shared: SharedBase, names: Sequence[str], head: nn.Module):
-        super().__init__()
-        self.backbone = _Backbone(shared, names)
-        self.score = head
+        super().__init__(shared, names)
+        object.__setattr__(self, "backbone", _Backbone(shared, names))
+        object.__setattr__(self, "score", head)  # one of shared.heads
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,6 +448,7 @@ class AdapterActors(FullActors):
         self.reference = shared.causal(reference)
         self.value = shared.scalar([value], value)
         self.reward = shared.scalar([reward], reward)
+        checkpoint_trainable_only(self)
 
     def train(self, mode: bool = True):
         return nn.Module.train(self, mode)  # one base for all: frozen models are frozen by their adapters

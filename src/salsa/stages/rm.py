@@ -16,7 +16,15 @@ from salsa.context import Context, log, plain
 from salsa.data import pad_right, prompt_ids, response_ids
 from salsa.functional import bradley_terry_loss, warmup_cosine
 from salsa.guards import check_finite
-from salsa.lora import HEAD, BaseSettings, base_tokenizer, enable_checkpointing, load_base, uses_adapters
+from salsa.lora import (
+    HEAD,
+    BaseSettings,
+    base_tokenizer,
+    checkpoint_trainable_only,
+    enable_checkpointing,
+    load_base,
+    uses_adapters,
+)
 from salsa.models import load_reward_model, load_tokenizer, sequence_scores
 from salsa.stages.sft import planned_loader
 from salsa.task.synthetic import Pair
@@ -123,7 +131,7 @@ def run_rm(ctx: Context, base: Entry) -> Entry:
             if settings.gradient_checkpointing:
                 enable_checkpointing(model)
             adapter = get_peft_model(model, settings.lora.config(task_type="SEQ_CLS", modules_to_save=[HEAD]))
-            model = adapter.get_base_model()  # the adapted model, called directly: scores come from its backbone
+            model = checkpoint_trainable_only(adapter.get_base_model())  # called directly: scores from its backbone
         else:
             tok = load_tokenizer(base.path)
             model = load_reward_model(base.path)

@@ -19,7 +19,14 @@ from salsa.context import Context, log, plain
 from salsa.data import LMDataset, lm_batch
 from salsa.functional import lm_token_nll, warmup_cosine
 from salsa.guards import check_finite
-from salsa.lora import BaseSettings, base_tokenizer, enable_checkpointing, load_base, uses_adapters
+from salsa.lora import (
+    BaseSettings,
+    base_tokenizer,
+    checkpoint_trainable_only,
+    enable_checkpointing,
+    load_base,
+    uses_adapters,
+)
 from salsa.models import load_causal_lm, load_tokenizer
 from salsa.training import PlanSampler, batch_plan, fit_resumable, step_seed
 
@@ -124,7 +131,8 @@ def adapter_model(ctx: Context, seed: int):
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     pl.seed_everything(seed, workers=True, verbose=False)
-    return base_tokenizer(settings), get_peft_model(model, settings.lora.config(task_type="CAUSAL_LM"))
+    model = get_peft_model(model, settings.lora.config(task_type="CAUSAL_LM"))
+    return base_tokenizer(settings), checkpoint_trainable_only(model)
 
 
 def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
