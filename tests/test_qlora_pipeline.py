@@ -83,3 +83,19 @@ def test_qlora_pipeline_on_local_checkpoint_and_files(tmp_path):
     ctx3 = Context.from_cfg(cfg)
     run(cfg, ctx3)
     assert [e.stage for e in ctx3.entries if not e.reused] == ["export"]
+
+
+def test_qlora_training_checkpoints_hold_adapters_only(tmp_path):
+    """The SFT and reward modules' checkpoints (what resume writes every interval) hold no base weights."""
+    from salsa.lora import BaseSettings, LoraSettings, new_adapter_model
+    from salsa.stages.rm import RewardModule
+    from salsa.stages.sft import SFTModule
+
+    ckpt = tiny_checkpoint(tmp_path / "llama", "llama")
+    settings = BaseSettings(str(ckpt), lora=LoraSettings(r=2, target_modules=["q_proj"]))
+    _, sft = new_adapter_model(settings, "cpu")
+    _, rm = new_adapter_model(settings, "cpu", scalar_head=True)
+    for module in (SFTModule(sft, lr=1e-3), RewardModule(rm.get_base_model(), lr=1e-3)):
+        state = module.state_dict()
+        assert state and all(".lora_" in k or "modules_to_save" in k for k in state), sorted(state)[:3]
+        assert not module.load_state_dict(state, strict=True).missing_keys

@@ -191,6 +191,19 @@ def checkpoint_trainable_only(module: nn.Module) -> nn.Module:
     return module
 
 
+def new_adapter_model(settings: BaseSettings, device: torch.device | str, scalar_head: bool = False):
+    """(tokenizer, peft model): a fresh trainable LoRA adapter on the frozen base, for SFT (a causal LM) or the
+    reward model (`scalar_head`: a one-output head, trained and saved with the adapter). Seed torch first: the
+    adapter's initial A is random."""
+    model = load_base(settings, device, scalar_head=scalar_head)
+    if settings.gradient_checkpointing:
+        enable_checkpointing(model)
+    extra = {"task_type": "SEQ_CLS", "modules_to_save": [HEAD]} if scalar_head else {"task_type": "CAUSAL_LM"}
+    adapted = get_peft_model(model, settings.lora.config(**extra))
+    checkpoint_trainable_only(adapted.get_base_model())  # also when the adapted model is trained unwrapped (RM)
+    return base_tokenizer(settings), checkpoint_trainable_only(adapted)
+
+
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 

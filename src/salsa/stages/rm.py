@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from peft import get_peft_model
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy
 
@@ -16,15 +15,7 @@ from salsa.context import Context, log, plain
 from salsa.data import pad_right, prompt_ids, response_ids
 from salsa.functional import bradley_terry_loss, warmup_cosine
 from salsa.guards import check_finite
-from salsa.lora import (
-    HEAD,
-    BaseSettings,
-    base_tokenizer,
-    checkpoint_trainable_only,
-    enable_checkpointing,
-    load_base,
-    uses_adapters,
-)
+from salsa.lora import BaseSettings, new_adapter_model, uses_adapters
 from salsa.models import load_reward_model, load_tokenizer, sequence_scores
 from salsa.stages.sft import planned_loader
 from salsa.task.synthetic import Pair
@@ -125,13 +116,8 @@ def run_rm(ctx: Context, base: Entry) -> Entry:
         pl.seed_everything(r.seed, workers=True, verbose=False)
         adapter = None
         if uses_adapters(cfg.model):  # a LoRA adapter + scalar head on the frozen base (saved as one peft adapter)
-            settings = BaseSettings.from_cfg(cfg.model)
-            tok = base_tokenizer(settings)
-            model = load_base(settings, ctx.device, scalar_head=True)
-            if settings.gradient_checkpointing:
-                enable_checkpointing(model)
-            adapter = get_peft_model(model, settings.lora.config(task_type="SEQ_CLS", modules_to_save=[HEAD]))
-            model = checkpoint_trainable_only(adapter.get_base_model())  # called directly: scores from its backbone
+            tok, adapter = new_adapter_model(BaseSettings.from_cfg(cfg.model), ctx.device, scalar_head=True)
+            model = adapter.get_base_model()  # called directly: scores come from its backbone
         else:
             tok = load_tokenizer(base.path)
             model = load_reward_model(base.path)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from peft import get_peft_model
 from torch.utils.data import DataLoader
 
 from salsa.cache import Entry
@@ -19,14 +18,7 @@ from salsa.context import Context, log, plain
 from salsa.data import LMDataset, lm_batch
 from salsa.functional import lm_token_nll, warmup_cosine
 from salsa.guards import check_finite
-from salsa.lora import (
-    BaseSettings,
-    base_tokenizer,
-    checkpoint_trainable_only,
-    enable_checkpointing,
-    load_base,
-    uses_adapters,
-)
+from salsa.lora import BaseSettings, new_adapter_model, uses_adapters
 from salsa.models import load_causal_lm, load_tokenizer
 from salsa.training import PlanSampler, batch_plan, fit_resumable, step_seed
 
@@ -123,18 +115,6 @@ def sft_val_dataset(ctx: Context, tokenizer) -> LMDataset:
     return LMDataset.from_examples(tokenizer, ctx.data.sft_val, s.max_prompt_length, s.max_response_length)
 
 
-def adapter_model(ctx: Context, seed: int):
-    """The tokenizer and a fresh LoRA adapter on the frozen (4-bit) base; the seed sets the adapter's initial A (and,
-    in training, the data order and LoRA dropout)."""
-    settings = BaseSettings.from_cfg(ctx.cfg.model)
-    model = load_base(settings, ctx.device)
-    if settings.gradient_checkpointing:
-        enable_checkpointing(model)
-    pl.seed_everything(seed, workers=True, verbose=False)
-    model = get_peft_model(model, settings.lora.config(task_type="CAUSAL_LM"))
-    return base_tokenizer(settings), checkpoint_trainable_only(model)
-
-
 def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
     """SFT ingredient `index`: the base fine-tuned on the demonstrations with seed `sft.seed + index`."""
     cfg = ctx.cfg
@@ -144,8 +124,9 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
         s = cfg.sft
         seed = s.seed + index
         adapters = uses_adapters(cfg.model)
-        if adapters:  # a LoRA adapter on the frozen base, saved as a peft adapter directory
-            tok, model = adapter_model(ctx, seed)
+        if adapters:  # a LoRA adapter on the frozen base; the seed also sets its initial A
+            pl.seed_everything(seed, workers=True, verbose=False)
+            tok, model = new_adapter_model(BaseSettings.from_cfg(cfg.model), ctx.device)
         else:
             tok = load_tokenizer(base.path)
             model = load_causal_lm(base.path)
