@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from salsa import progress
 from salsa.context import Context
 from salsa.pipeline import run, write_results
 from salsa.tracking import Tracker
@@ -67,12 +68,18 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
-def train(cfg: DictConfig) -> float | None:
+def prepare(cfg: DictConfig) -> None:
+    """Process-wide settings from `cfg.extras`, shared by the entry points."""
     quiet_libraries()
+    progress.set_enabled(cfg.extras.get("progress_bar", True))
     if cfg.extras.get("torch_threads"):
         torch.set_num_threads(int(cfg.extras.torch_threads))
     if cfg.extras.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def train(cfg: DictConfig) -> float | None:
+    prepare(cfg)
     out = output_dir(cfg)
     tracker = Tracker.from_cfg(cfg)
     tracker.start_parent(f"{cfg.task_name}-{cfg.ref.name}", cfg, tags={"ref": cfg.ref.name, "output_dir": str(out)})
