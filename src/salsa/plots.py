@@ -22,6 +22,7 @@ PPO_PANELS = (
     ("ppo/gold_reward", "gold reward"),
     ("ppo/kl", "KL(π ‖ π_ref) per response"),
 )
+REWARD_LABELS = {"rm_reward": "RM reward", "gold_reward": "gold reward"}
 
 
 def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -97,11 +98,12 @@ def landscape_figure(
     extent = (a[0] - da, a[-1] + da, b[0] - db, b[-1] + db)
     for ax, (name, grid) in zip(axes, grids.items(), strict=True):
         image = ax.imshow(np.asarray(grid), origin="lower", extent=extent, aspect="auto", cmap="viridis")
-        fig.colorbar(image, ax=ax, label=f"mean {name}")
+        title = REWARD_LABELS.get(name, name)
+        fig.colorbar(image, ax=ax, label=f"mean {title}")
         for label, (x, y) in marks.items():
             soup = label.startswith("soup")
             ax.plot(x, y, "*" if soup else "o", color="white" if soup else "red", markersize=14 if soup else 8,
                     markeredgecolor="black")  # fmt: skip
             ax.annotate(label, (x, y), xytext=(5, 5), textcoords="offset points", color="white", fontsize=8)
-        ax.set(xlabel="a  (toward θ1)", ylabel="b  (toward θ2)", title=f"{name} over the ingredients' plane")
+        ax.set(xlabel="a  (toward θ1)", ylabel="b  (toward θ2)", title=f"{title} over the ingredients' plane")
     return fig
