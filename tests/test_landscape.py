@@ -1,12 +1,15 @@
 """The plane through three ingredients: points, coordinates of a point, grid axes (hand-computed cases)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from salsa.landscape import LandscapeConfig, grid_axis, load_plane_point, parameters, plane_coords, plane_point
-from tests.conftest import CONF
+from tests.conftest import CONF, ROOT
 
 
 def test_grid_axis_includes_both_ends():
@@ -68,3 +71,16 @@ def test_landscape_config_composes_on_train_and_mirrors_the_code(tmp_path):
     assert set(cfg.landscape) == set(LandscapeConfig.__dataclass_fields__)
     assert LandscapeConfig.from_cfg(cfg.landscape) == LandscapeConfig()  # the yaml's defaults are the code's
     assert cfg.soup.method == "greedy" and cfg.model.arch.hidden_size == 32  # train's groups and debug apply
+
+
+def test_entry_point_composes(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "src" / "landscape.py"),
+        "--cfg",
+        "job",
+        f"paths.log_dir={tmp_path}",
+        "landscape.steps=3",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "steps: 3" in out and "n_prompts: 64" in out
