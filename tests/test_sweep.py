@@ -94,6 +94,7 @@ def test_compare_runs_notebook(logs, monkeypatch):
     nb = nbformat.read(notebook, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored without outputs
     monkeypatch.setenv("SALSA_LOG_DIR", str(logs))
+    monkeypatch.setenv("SALSA_SWEEP", str(logs / "multirun"))  # only this sweep's runs (all of them, here)
     resources = {"metadata": {"path": str(notebook.parent)}}  # run from notebooks/, as Jupyter would
     NotebookClient(nb, timeout=300, kernel_name="python3", resources=resources).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
