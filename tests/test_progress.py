@@ -11,6 +11,7 @@ from salsa.progress import StageProgressBar, track
 @pytest.fixture
 def terminal(monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    progress.set_enabled(True)  # an entry point run earlier in this process may have switched bars off
     yield
     progress.set_enabled(True)
 

@@ -21,15 +21,11 @@ class SweepReport(Callback):
 
     Writes `sweep_results.csv` (one row per job), `win_rates.csv` (ref × kl_coef) and `frontier.png` (gold and RM
     reward against KL to the reference, one curve per ref). With the MLflow logger they are also logged to a run
-    tagged `kind=sweep`, next to the jobs' runs (which carry the same `sweep` tag).
+    tagged `kind=sweep`, next to the jobs' runs (which carry the same `sweep` tag). Switch it off with
+    `~hydra.callbacks.sweep_report`.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.enabled:
-            return
         # heavy imports here: Hydra also instantiates callbacks in every job process
         from salsa.plots import frontier_figure, save_png
         from salsa.sweep import job_results, win_rate_table

@@ -29,7 +29,13 @@ from salsa import progress
 from salsa.cache import Entry
 from salsa.context import Context, log, plain
 from salsa.models import load_causal_lm, load_reward_model, load_tokenizer
+from salsa.pipeline import reference
 from salsa.plots import landscape_figure, save_png
+from salsa.runner import output_dir, prepare
+from salsa.stages.base import run_base
+from salsa.stages.evaluate import answer
+from salsa.stages.rm import run_rm
+from salsa.stages.sft import run_sft
 from salsa.tracking import Tracker
 
 Params = Mapping[str, torch.Tensor]
@@ -103,8 +109,6 @@ class LandscapeConfig:
 
 def mean_rewards(model, tok, reward_model, prompts: list[str], e, judge, name: str) -> dict[str, float]:
     """Mean RM (and gold) reward of `model`'s answers, with evaluation's sampling settings and seed."""
-    from salsa.stages.evaluate import answer
-
     out = answer(model, tok, prompts, e, reward_model, name=name)
     rewards = {"rm_reward": float(np.mean(out["rm"]))}
     if judge is not None:
@@ -115,11 +119,6 @@ def mean_rewards(model, tok, reward_model, prompts: list[str], e, judge, name: s
 
 def run_landscape(ctx: Context) -> Entry:
     """The cached landscape of `cfg.landscape.ingredients` and their soup (`cfg.soup`), scored by the RM."""
-    from salsa.pipeline import reference
-    from salsa.stages.base import run_base
-    from salsa.stages.rm import run_rm
-    from salsa.stages.sft import run_sft
-
     cfg = ctx.cfg
     lc = LandscapeConfig.from_cfg(cfg.landscape)
     if len(lc.ingredients) != 3 or len(set(lc.ingredients)) != 3:
@@ -178,8 +177,6 @@ def run_landscape(ctx: Context) -> Entry:
 
 def landscape_job(cfg: DictConfig) -> dict[str, Any]:
     """What `src/landscape.py` does: build (or reuse) the landscape, copy it to the run dir, log it to MLflow."""
-    from salsa.runner import output_dir, prepare
-
     prepare(cfg)
     out = output_dir(cfg)
     tracker = Tracker.from_cfg(cfg)
