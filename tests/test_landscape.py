@@ -8,7 +8,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from salsa.landscape import LandscapeConfig, grid_axis, load_plane_point, parameters, plane_coords, plane_point
+from salsa.errors import ConfigError
+from salsa.landscape import (
+    LandscapeConfig,
+    check_landscape,
+    grid_axis,
+    load_plane_point,
+    parameters,
+    plane_coords,
+    plane_point,
+)
 from tests.conftest import CONF, ROOT
 
 
@@ -64,10 +73,15 @@ def test_load_plane_point_sets_every_parameter():
         assert torch.allclose(p, expected)
 
 
-def test_landscape_config_composes_on_train_and_mirrors_the_code(tmp_path):
+def landscape_cfg(tmp_path, *overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="landscape", overrides=[f"paths.log_dir={tmp_path}", "debug=default", "soup=greedy"])
+        return compose(config_name="landscape", overrides=[f"paths.log_dir={tmp_path}", "debug=default", *overrides])
+
+
+def test_landscape_config_composes_on_train_and_mirrors_the_code(tmp_path):
+    cfg = landscape_cfg(tmp_path, "soup=greedy")
+    check_landscape(cfg)
     assert set(cfg.landscape) == set(LandscapeConfig.__dataclass_fields__)
     assert LandscapeConfig.from_cfg(cfg.landscape) == LandscapeConfig()  # the yaml's defaults are the code's
     assert cfg.soup.method == "greedy" and cfg.model.arch.hidden_size == 32  # train's groups and debug apply
@@ -84,3 +98,18 @@ def test_entry_point_composes(tmp_path):
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "steps: 3" in out and "n_prompts: 64" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("landscape.steps=1", "landscape.steps"),
+        ("landscape.ingredients=[0,1,1]", "landscape.ingredients"),
+        ("landscape.ingredients=[0,1,2,3]", "landscape.ingredients"),
+        ("landscape.n_prompts=0", "landscape.n_prompts"),
+        ("landscape.b_min=2.0", "landscape.b_min"),
+    ],
+)
+def test_bad_landscape_settings_are_refused_by_key(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        check_landscape(landscape_cfg(tmp_path, override))

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from salsa import progress
 from salsa.cache import Entry
 from salsa.context import Context, log, plain
+from salsa.errors import ConfigError
 from salsa.models import load_causal_lm, load_reward_model, load_tokenizer
 from salsa.pipeline import reference
 from salsa.plots import landscape_figure, save_png
@@ -37,6 +38,7 @@ from salsa.stages.evaluate import answer
 from salsa.stages.rm import run_rm
 from salsa.stages.sft import run_sft
 from salsa.tracking import Tracker
+from salsa.validate import positive_int
 
 Params = Mapping[str, torch.Tensor]
 
@@ -107,6 +109,23 @@ class LandscapeConfig:
         return cls(**known)
 
 
+def check_landscape(cfg: DictConfig) -> None:
+    """Raise ConfigError for a `landscape` node the grid cannot be built from (before anything loads)."""
+    node = cfg.landscape
+    ingredients = list(node.ingredients)
+    if len(ingredients) != 3 or len(set(ingredients)) != 3 or not all(type(i) is int and i >= 0 for i in ingredients):
+        raise ConfigError("landscape.ingredients", f"must name 3 different SFT ingredients, got {ingredients}")
+    positive_int(cfg, "landscape.n_prompts")
+    if isinstance(node.steps, bool) or not isinstance(node.steps, int) or node.steps < 2:
+        raise ConfigError("landscape.steps", f"must be a whole number ≥ 2, got {node.steps!r}")
+    for axis in ("a", "b"):
+        lo, hi = node[f"{axis}_min"], node[f"{axis}_max"]
+        if not (isinstance(lo, int | float) and isinstance(hi, int | float) and lo < hi):
+            raise ConfigError(
+                f"landscape.{axis}_min", f"must be a number below landscape.{axis}_max, got {lo!r}, {hi!r}"
+            )
+
+
 def mean_rewards(model, tok, reward_model, prompts: list[str], e, judge, name: str) -> dict[str, float]:
     """Mean RM (and gold) reward of `model`'s answers, with evaluation's sampling settings and seed."""
     out = answer(model, tok, prompts, e, reward_model, name=name)
@@ -121,14 +140,12 @@ def run_landscape(ctx: Context) -> Entry:
     """The cached landscape of `cfg.landscape.ingredients` and their soup (`cfg.soup`), scored by the RM."""
     cfg = ctx.cfg
     lc = LandscapeConfig.from_cfg(cfg.landscape)
-    if len(lc.ingredients) != 3 or len(set(lc.ingredients)) != 3:
-        raise ValueError(f"landscape.ingredients must name 3 different SFT ingredients, got {lc.ingredients}")
     base = run_base(ctx)
     sft = {i: run_sft(ctx, base, i) for i in lc.ingredients}
     soup = reference(ctx, sft, lc.ingredients)
     rm = run_rm(ctx, base)
     if any(e.manifest.get("format") != "full" for e in (*sft.values(), soup)):
-        raise ValueError("the landscape interpolates full checkpoints; these ingredients are adapters")
+        raise ConfigError("model", "the landscape interpolates full checkpoints; these ingredients are adapters")
     spec = {
         "ingredients": [sft[i].key for i in lc.ingredients], "soup": soup.key, "rm": rm.key,
         "landscape": plain(cfg.landscape), "eval": plain(cfg.eval), "data": plain(cfg.data),
@@ -177,6 +194,7 @@ def run_landscape(ctx: Context) -> Entry:
 
 def landscape_job(cfg: DictConfig) -> dict[str, Any]:
     """What `src/landscape.py` does: build (or reuse) the landscape, copy it to the run dir, log it to MLflow."""
+    check_landscape(cfg)
     prepare(cfg)
     out = output_dir(cfg)
     tracker = Tracker.from_cfg(cfg)
