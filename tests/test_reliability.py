@@ -151,6 +151,7 @@ def test_four_jobs_at_once_on_a_cold_cache(tmp_path):
                 *TRAIN,
                 "debug=default",
                 "logger=mlflow",
+                "extras.torch_threads=1",  # four jobs share two cores
                 f"paths.log_dir={tmp_path}",
                 f"ref={ref}",
                 f"hydra.run.dir={tmp_path}/run-{ref}",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -45,15 +46,16 @@ def check_argv(argv: Sequence[str], conf_dir: Path) -> None:
         fail(message)
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Validate, then run the pipeline; a SalsaError becomes one line on stderr and a non-zero exit."""
+def run(cfg: DictConfig, job: Callable[[DictConfig], Any] | None = None) -> Any:
+    """Validate, then run `job` (default: the pipeline); a SalsaError becomes one line on stderr and a non-zero exit."""
     try:
         from salsa.validate import validate
 
         validate(cfg)
-        from salsa.runner import train
+        if job is None:
+            from salsa.runner import train as job
 
-        return train(cfg)
+        return job(cfg)
     except SalsaError as e:
         if wants_traceback(cfg):
             raise

@@ -123,8 +123,12 @@ class Context:
         return entry
 
     def trainer(self, work: Path, run_id: str | None, **overrides: Any) -> pl.Trainer:
-        """A Lightning Trainer from `cfg.trainer`, writing into the stage's work dir and its MLflow child run."""
+        """A Lightning Trainer from `cfg.trainer`, writing into the stage's work dir and its MLflow child run.
+
+        A stage's own `callbacks` join those of the config (the progress bar) rather than replace them."""
         overrides.setdefault("logger", self.tracker.lightning_logger(run_id))
+        configured = list(hydra.utils.instantiate(self.cfg.trainer.get("callbacks") or []))
+        overrides["callbacks"] = [*configured, *overrides.get("callbacks", [])]
         return hydra.utils.instantiate(self.cfg.trainer, default_root_dir=str(work), **overrides)
 
     @property

@@ -186,7 +186,9 @@ def soup_checkpoints(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards = checkpoint_shards(paths[0])
-    for shard, names in shards.items():
+    from salsa.progress import track  # here, so the soup command line does not load Lightning
+
+    for shard, names in track(shards.items(), "[soup] averaging shards", total=len(shards)):
         handles = [safe_open(str(p / index[names[0]][0]), "pt") for p in paths]
         result = {}
         for name in names:

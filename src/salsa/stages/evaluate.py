@@ -20,18 +20,19 @@ from salsa.functional import adjusted_win_rate, token_logprobs
 from salsa.generation import decode, encode_prompts, sample
 from salsa.lora import model_loader
 from salsa.models import load_tokenizer, sequence_scores
+from salsa.progress import track
 
 EXPORT_KEYS = ("export", "answers")  # settings of the export stage, which do not change the evaluation
 
 
 @torch.no_grad()
-def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None) -> dict:
+def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None, name: str = "model") -> dict:
     """Sample answers in batches; return texts, ended flags, RM scores and (with a reference) sequence KLs."""
     from salsa.actors import response_logits
 
     torch.manual_seed(e.seed)  # every model sees the same sampling noise
     texts, ended, scores, kls = [], [], [], []
-    for i in range(0, len(prompts), e.batch_size):
+    for i in track(range(0, len(prompts), e.batch_size), f"[eval] {name}: generating"):
         chunk = prompts[i : i + e.batch_size]
         query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length, next(model.parameters()).device)
         s = sample(model, tokenizer, query, mask, e.response_length, e.temperature, e.do_sample)
@@ -74,6 +75,7 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
                 e,
                 reward_model,
                 ref_model if name == "policy" else None,
+                name,
             )
             if data.judge is not None:
                 answers[name]["gold"] = [
