@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +15,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from salsa.cache import Entry, StageCache, stage_key
+from salsa.cache import MANIFEST, Entry, StageCache, stage_key
 from salsa.data import TaskData
+from salsa.distributed import barrier, broadcast_from_zero, connected, is_global_zero, rank_name
 from salsa.tracking import Tracker
+from salsa.training import CKPT_DIR
 
 log = logging.getLogger("salsa")
 
@@ -59,8 +63,15 @@ class Context:
     def build(self, stage: str, spec: dict[str, Any], fn: Callable[[Path, str | None], dict[str, Any]]) -> Entry:
         """The cached output of `stage` for `spec`; on a miss, `fn(workdir, mlflow_run_id)` builds it in a child run."""
         key = stage_key(stage, spec)
+        if not is_global_zero():
+            return self._follow(stage, key, fn)
+        built = False
 
         def build(work: Path) -> dict[str, Any]:
+            nonlocal built
+            built = True
+            if connected():  # DDP: tell the other ranks to join this build (decided under the cache's lock)
+                broadcast_from_zero(True)
             log.info("[%s] building %s in %s", stage, key, work)
             with self.tracker.child(stage, key) as run_id:
                 meta = fn(work, run_id) or {}
@@ -68,9 +79,46 @@ class Context:
             return {**meta, "run_id": run_id}
 
         entry = self.cache.get_or_build(stage, spec, build)
+        if connected():
+            if built:
+                barrier()  # published: the other ranks may read it now
+            else:
+                broadcast_from_zero(False)
         if entry.reused:
             log.info("[%s] reusing %s (made by run %s)", stage, key, entry.run_id)
             self.tracker.set_tags(self.tracker.parent_id, {f"reused.{stage}.{key}": entry.run_id or "untracked"})
+        self.entries.append(entry)
+        return entry
+
+    def _follow(self, stage: str, key: str, fn: Callable[[Path, str | None], dict[str, Any]]) -> Entry:
+        """A DDP rank other than 0: build alongside rank 0 when it builds (in scratch, never published), then use
+        what rank 0 published."""
+        building = broadcast_from_zero() if connected() else self.cache.lookup(stage, key) is None
+        if not building:
+            entry = self.cache.lookup(stage, key)
+            if entry is None:
+                raise RuntimeError(
+                    f"[{stage}] rank {rank_name()}: rank 0 reported {key} built, but it is not published"
+                )
+            self.entries.append(entry)
+            return entry
+        scratch = self.cache.root / stage / f"{key}.rank{rank_name()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        resume = self.cache.root / stage / f"{key}.partial" / CKPT_DIR
+        if resume.is_dir():  # rank 0 resumes an interrupted build: every rank must restore the same checkpoint
+            shutil.copytree(resume, scratch / CKPT_DIR)
+        meta = fn(scratch, None) or {}
+        keep = bool(self.cfg.extras.get("keep_rank_outputs"))
+        if keep:  # to compare replicas with rank 0's output
+            (scratch / MANIFEST).write_text(json.dumps({"stage": stage, "key": key, **meta}, default=str))
+        if not connected():  # no process group (a build without training before any fit): use this rank's copy
+            entry = Entry(stage, key, scratch, {"stage": stage, "key": key, **meta}, reused=False)
+        else:
+            barrier()
+            entry = self.cache.lookup(stage, key)
+            if not keep:
+                shutil.rmtree(scratch, ignore_errors=True)
         self.entries.append(entry)
         return entry
 

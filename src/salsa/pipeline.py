@@ -17,6 +17,7 @@ from salsa.cache import Entry
 from salsa.context import Context
 from salsa.stages.base import run_base
 from salsa.stages.evaluate import run_eval
+from salsa.stages.export import run_export
 from salsa.stages.ppo import run_ppo
 from salsa.stages.rm import run_rm
 from salsa.stages.sft import run_sft
@@ -73,6 +74,9 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> dict[str, Any]:
     if last >= STAGES.index("eval"):
         evaluation = run_eval(ctx, policy, sft[0], baseline, rm, ref)
         results.update(evaluation.manifest["results"])
+        if cfg.eval.get("export"):  # the policy's answers for an official judge (MT-Bench, Arena-Hard)
+            exported = run_export(ctx, policy)
+            results["export_file"] = str(exported.path / exported.manifest["file"])
 
     results["stages"] = {
         e.stage + ("" if e.stage == "base" else f":{e.key}"): ("reused" if e.reused else "built") for e in ctx.entries

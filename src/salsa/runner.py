@@ -15,6 +15,7 @@ from rich.table import Table
 
 from salsa import progress
 from salsa.context import Context
+from salsa.distributed import is_global_zero
 from salsa.pipeline import run, write_results
 from salsa.report import report_job, sweep_tags
 from salsa.tracking import Tracker
@@ -82,6 +83,9 @@ def prepare(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> float | None:
     prepare(cfg)
     out = output_dir(cfg)
+    if not is_global_zero():  # another DDP rank: it trains alongside rank 0, which alone tracks and reports
+        run(cfg, Context.from_cfg(cfg, Tracker(None)))
+        return None
     tracker = Tracker.from_cfg(cfg)
     tags = {"ref": cfg.ref.name, "output_dir": str(out), **sweep_tags()}
     tracker.start_parent(f"{cfg.task_name}-{cfg.ref.name}", cfg, tags=tags)

@@ -217,11 +217,17 @@ def _adapter_scale(cfg: dict, rank: int) -> float:
 
 
 def soup_lora_adapters(
-    paths: Sequence[str | os.PathLike], out: str | os.PathLike, weights: Sequence[float] | None = None
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
 ) -> list[float]:
-    """Write one peft LoRA adapter whose delta is the weighted average of the ingredients' deltas, exactly."""
+    """Write one peft LoRA adapter whose delta is the weighted average of the ingredients' deltas, exactly.
+
+    With `normalize=False` the weights are used as given (e.g. all 1: the exact sum of stacked adapters).
+    """
     paths = [Path(p) for p in paths]
-    w = normalize_weights(weights, len(paths))
+    w = normalize_weights(weights, len(paths)) if normalize else [float(x) for x in weights]
     cfgs = []
     for p in paths:
         if not (p / ADAPTER_CONFIG).is_file() or not (p / ADAPTER_WEIGHTS).is_file():
@@ -270,6 +276,9 @@ def soup_lora_adapters(
     # same tensor names => same adapted modules, so the first ingredient's target_modules stand for all
     cfg.update(r=total_rank, lora_alpha=total_rank, use_rslora=False, lora_dropout=0.0, inference_mode=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    for f in paths[0].iterdir():  # tokenizer files, so the soup directory loads like its ingredients
+        if f.is_file() and not f.name.endswith(".safetensors") and not (out / f.name).exists():
+            shutil.copy2(f, out / f.name)
     return w
 
 

@@ -17,10 +17,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from salsa.errors import CheckpointError, ConfigError
+from salsa.export import BENCHMARKS
 
 STAGES = ("base", "sft", "soup", "rm", "ppo", "eval")
 SOUP_METHODS = ("uniform", "weighted", "greedy")
 KL_ESTIMATORS = ("k1", "k3")
+QUANT = ("nf4", "none")  # model.quant of hub/local checkpoints (salsa.lora)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,6 +169,8 @@ def validate(cfg: DictConfig) -> None:
     model = cfg.model
     if model.get("name_or_path"):
         check_model_source(str(model.name_or_path))
+        if model.get("quant") is not None:
+            one_of(cfg, "model.quant", QUANT)
     elif model.get("pretrain") is not None:
         positive_int(
             cfg,
@@ -222,3 +226,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.do_sample:
         positive(cfg, "eval.temperature")
     non_negative(cfg, "eval.tie_tolerance")
+    if cfg.eval.get("export"):
+        one_of(cfg, "eval.export", BENCHMARKS)
+        questions = cfg.eval.answers.questions
+        if not questions or not Path(str(questions)).is_file():
+            raise ConfigError("eval.answers.questions", f"must be the benchmark's question.jsonl, got {questions}")

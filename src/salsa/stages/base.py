@@ -29,13 +29,25 @@ def run_base(ctx: Context) -> Entry:
     cfg = ctx.cfg
     m = cfg.model
     if m.get("name_or_path"):
-        spec = {"name_or_path": m.name_or_path, "revision": m.get("revision")}
-        return ctx.build("base", spec, lambda work, run_id: {"format": "hub", "name_or_path": str(m.name_or_path)})
+        strategy = str(cfg.trainer.get("strategy", ""))
+        if m.get("quant") == "nf4" and ("fsdp" in strategy or "deepspeed" in strategy):
+            raise ValueError(f"trainer.strategy={strategy} cannot shard a 4-bit base: use trainer=ddp for QLoRA runs")
+        # how the frozen base is loaded and adapted determines every later stage, so it is part of the key
+        spec = {
+            "name_or_path": m.name_or_path, "revision": m.get("revision"), "quant": m.get("quant"),
+            "lora": plain(m.get("lora")),
+        }  # fmt: skip
+        return ctx.build("base", spec, lambda work, run_id: {"format": "hub", **spec})
 
     spec = {"model": plain(m), "data": plain(cfg.data)}
 
     def build(work: Path, run_id: str | None) -> dict:
         data = ctx.data
+        if not data.pretrain:
+            raise ValueError(
+                f"model={m.name} pretrains on the task's documents and data={cfg.data.name} has none: use a hub "
+                "preset (model=gemma2b, ...) or model.name_or_path=/a/local/checkpoint"
+            )
         tok = train_word_tokenizer(task_texts(data))
         p = m.pretrain
         pl.seed_everything(p.seed, workers=True, verbose=False)  # the initial weights depend on the seed alone

@@ -18,8 +18,11 @@ from salsa.context import Context, log, plain
 from salsa.data import report_long_prompts
 from salsa.functional import adjusted_win_rate, token_logprobs
 from salsa.generation import decode, encode_prompts, sample
-from salsa.models import load_causal_lm, load_reward_model, load_tokenizer, sequence_scores
+from salsa.lora import model_loader
+from salsa.models import load_tokenizer, sequence_scores
 from salsa.progress import track
+
+EXPORT_KEYS = ("export", "answers")  # settings of the export stage, which do not change the evaluation
 
 
 @torch.no_grad()
@@ -31,7 +34,7 @@ def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None
     texts, ended, scores, kls = [], [], [], []
     for i in track(range(0, len(prompts), e.batch_size), f"[eval] {name}: generating"):
         chunk = prompts[i : i + e.batch_size]
-        query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length)
+        query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length, next(model.parameters()).device)
         s = sample(model, tokenizer, query, mask, e.response_length, e.temperature, e.do_sample)
         texts += decode(tokenizer, s)
         ended += s.ended.tolist()
@@ -49,7 +52,8 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
     cfg = ctx.cfg
     spec = {
         "policy": policy.key, "sft": sft0.key, "baseline": baseline.key if baseline else None, "rm": rm.key,
-        "reference": reference.key, "eval": plain(cfg.eval), "data": plain(cfg.data),
+        "reference": reference.key, "data": plain(cfg.data),
+        "eval": {k: v for k, v in plain(cfg.eval).items() if k not in EXPORT_KEYS},  # export has its own stage
     }  # fmt: skip
 
     def build(work: Path, run_id: str | None) -> dict:
@@ -58,13 +62,14 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
         prompts = [p for p in data.prompts_eval for _ in range(e.samples_per_prompt)]
         tok = load_tokenizer(policy.path)
         report_long_prompts(tok, data.prompts_eval, e.max_prompt_length, "eval.max_prompt_length")
-        reward_model = load_reward_model(rm.path).eval()
-        ref_model = load_causal_lm(reference.path).eval()
+        loader = model_loader(cfg.model, ctx.device)  # full checkpoints, or adapters on one shared base
+        reward_model = loader.reward(rm.path)
+        ref_model = loader.causal(reference.path)
         models = {"policy": policy, "sft": sft0, **({"ppo": baseline} if baseline else {})}
         answers = {}
         for name, entry in models.items():
             answers[name] = answer(
-                load_causal_lm(entry.path).eval(),
+                loader.causal(entry.path),
                 tok,
                 prompts,
                 e,

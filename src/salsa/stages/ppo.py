@@ -41,6 +41,7 @@ from salsa.functional import (
 )
 from salsa.generation import Samples, decode, encode_prompts, sample
 from salsa.guards import check_finite
+from salsa.lora import BaseSettings, build_adapter_actors, uses_adapters
 from salsa.models import load_causal_lm, load_reward_model, load_tokenizer
 from salsa.training import fit_resumable
 
@@ -202,7 +203,8 @@ class PPOModule(pl.LightningModule):
         stats = {k: v.float() for k, v in stats.items()}
         self.log_dict(stats, on_step=True, on_epoch=False, sync_dist=True, batch_size=c.batch_size)
         self.log("step", float(iteration), on_step=True, on_epoch=False)  # MLflow x-axis = PPO iteration
-        self.last_stats = {k: float(v) for k, v in stats.items()}
+        # the values reduced across DDP ranks (each rank rolled out its own prompts)
+        self.last_stats = {k: float(self.trainer.callback_metrics.get(k, v)) for k, v in stats.items()}
 
     def on_fit_start(self) -> None:
         report_long_prompts(self.tokenizer, self.prompts, self.config.max_prompt_length, "ppo.max_prompt_length")
@@ -247,7 +249,11 @@ def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_n
         config = PPOConfig.from_cfg(cfg.ppo)
         pl.seed_everything(config.seed, workers=True, verbose=False)
         tok = load_tokenizer(policy_init.path)
-        actors = build_actors(policy_init, reference, rm)
+        adapters = uses_adapters(cfg.model)
+        if adapters:  # QLoRA: all four models are adapters on one shared base
+            actors = build_adapter_actors(BaseSettings.from_cfg(cfg.model), policy_init, reference, rm, ctx.device)
+        else:
+            actors = build_actors(policy_init, reference, rm)
         module = PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge)
         ctx.tracker.set_tags(run_id, {"ref": ref_name, "reference_key": reference.key, "policy_init": policy_init.key})
         fit_resumable(
@@ -266,7 +272,7 @@ def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_n
         log.info("[ppo %s] final: %s", ref_name, {k: round(v, 4) for k, v in final.items()})
         return {
             "metrics": {k.removeprefix("ppo/"): v for k, v in final.items()},
-            "format": "full",
+            "format": "lora" if adapters else "full",
             "ref": ref_name,
             "base": policy_init.manifest.get("base"),
         }

@@ -15,6 +15,7 @@ from salsa.context import Context, log, plain
 from salsa.data import pad_right, prompt_ids, response_ids
 from salsa.functional import bradley_terry_loss, warmup_cosine
 from salsa.guards import check_finite
+from salsa.lora import BaseSettings, new_adapter_model, uses_adapters
 from salsa.models import load_reward_model, load_tokenizer, sequence_scores
 from salsa.stages.sft import planned_loader
 from salsa.task.synthetic import Pair
@@ -80,13 +81,13 @@ class RewardModule(pl.LightningModule):
         r_chosen, r_rejected = self(batch)
         loss = bradley_terry_loss(r_chosen, r_rejected, self.hparams.center_coef)
         check_finite({"rm/score": torch.cat([r_chosen, r_rejected]), "train/loss": loss}, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", (r_chosen > r_rejected).float().mean())
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/accuracy", (r_chosen > r_rejected).float().mean(), sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         r_chosen, r_rejected = self(batch)
-        self.log("val/loss", bradley_terry_loss(r_chosen, r_rejected), batch_size=r_chosen.numel())
+        self.log("val/loss", bradley_terry_loss(r_chosen, r_rejected), batch_size=r_chosen.numel(), sync_dist=True)
         prob = torch.sigmoid(r_chosen - r_rejected)
         self.val_accuracy(prob, torch.ones_like(prob, dtype=torch.long))
         self.log("val/accuracy", self.val_accuracy)
@@ -98,7 +99,8 @@ class RewardModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.95))
+        params = [p for p in self.model.parameters() if p.requires_grad]  # adapters only, on a frozen base
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, partial(warmup_cosine, warmup=hp.warmup_steps, total=hp.total_steps, min_ratio=0.1)
         )
@@ -112,8 +114,13 @@ def run_rm(ctx: Context, base: Entry) -> Entry:
     def build(work: Path, run_id: str | None) -> dict:
         r = cfg.rm
         pl.seed_everything(r.seed, workers=True, verbose=False)
-        tok = load_tokenizer(base.path)
-        model = load_reward_model(base.path)
+        adapter = None
+        if uses_adapters(cfg.model):  # a LoRA adapter + scalar head on the frozen base (saved as one peft adapter)
+            tok, adapter = new_adapter_model(BaseSettings.from_cfg(cfg.model), ctx.device, scalar_head=True)
+            model = adapter.get_base_model()  # called directly: scores come from its backbone
+        else:
+            tok = load_tokenizer(base.path)
+            model = load_reward_model(base.path)
         model.config.pad_token_id = tok.pad_token_id
         model.train()
         train = PairDataset(tok, ctx.data.pairs_train, r.max_prompt_length, r.max_response_length)
@@ -135,13 +142,13 @@ def run_rm(ctx: Context, base: Entry) -> Entry:
         )
         metrics = ctx.trainer(work, run_id, logger=False).validate(module, val_loader, verbose=False)[0]
         metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
-        model.save_pretrained(str(work))
+        (adapter or model).save_pretrained(str(work))
         tok.save_pretrained(str(work))
         log.info(
             "[rm] held-out pair accuracy %.3f, agreement with gold %s",
             metrics["accuracy"],
             metrics.get("gold_agreement"),
         )
-        return {"metrics": metrics, "format": "full", "base": base.key}
+        return {"metrics": metrics, "format": "lora" if adapter else "full", "base": base.key}
 
     return ctx.build("rm", spec, build)

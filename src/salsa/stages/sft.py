@@ -18,6 +18,7 @@ from salsa.context import Context, log, plain
 from salsa.data import LMDataset, lm_batch
 from salsa.functional import lm_token_nll, warmup_cosine
 from salsa.guards import check_finite
+from salsa.lora import BaseSettings, new_adapter_model, uses_adapters
 from salsa.models import load_causal_lm, load_tokenizer
 from salsa.training import PlanSampler, batch_plan, fit_resumable, step_seed
 
@@ -47,7 +48,7 @@ class SFTModule(pl.LightningModule):
         nll, n = lm_token_nll(logits, batch["labels"])
         loss = nll / n.clamp(min=1)
         check_finite({"train/loss": loss}, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self):
@@ -122,15 +123,21 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
     def build(work: Path, run_id: str | None) -> dict:
         s = cfg.sft
         seed = s.seed + index
-        tok = load_tokenizer(base.path)
-        model = load_causal_lm(base.path)
-        model.config.attention_dropout = s.attention_dropout  # dropout is one of the seeds' sources of diversity
+        adapters = uses_adapters(cfg.model)
+        if adapters:  # a LoRA adapter on the frozen base; the seed also sets its initial A
+            pl.seed_everything(seed, workers=True, verbose=False)
+            tok, model = new_adapter_model(BaseSettings.from_cfg(cfg.model), ctx.device)
+        else:
+            tok = load_tokenizer(base.path)
+            model = load_causal_lm(base.path)
+            model.config.attention_dropout = s.attention_dropout  # dropout is one of the seeds' sources of diversity
         train = LMDataset.from_examples(tok, ctx.data.sft_train, s.max_prompt_length, s.max_response_length)
         fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed, f"sft {index}")
         model.save_pretrained(str(work))
         tok.save_pretrained(str(work))
         val_loss = heldout_loss(model, sft_val_dataset(ctx, tok), tok.pad_token_id)
         log.info("[sft %d] held-out loss %.4f", index, val_loss)
-        return {"metrics": {"val_loss": val_loss}, "format": "full", "base": base.key, "index": index, "seed": seed}
+        fmt = "lora" if adapters else "full"
+        return {"metrics": {"val_loss": val_loss}, "format": fmt, "base": base.key, "index": index, "seed": seed}
 
     return ctx.build("sft", spec, build)

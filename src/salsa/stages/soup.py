@@ -8,7 +8,8 @@ from pathlib import Path
 
 from salsa.cache import Entry
 from salsa.context import Context, log, plain
-from salsa.models import load_causal_lm, load_tokenizer
+from salsa.lora import model_loader
+from salsa.models import load_tokenizer
 from salsa.soup import SoupError, greedy_soup, soup_checkpoints, soup_lora_adapters
 from salsa.stages.sft import heldout_loss, sft_val_dataset
 
@@ -38,9 +39,10 @@ def run_soup(ctx: Context, ingredients: list[Entry]) -> Entry:
     def build(work: Path, run_id: str | None) -> dict:
         tok = load_tokenizer(ingredients[0].path)
         val = sft_val_dataset(ctx, tok)
+        loader = model_loader(cfg.model, ctx.device)
 
         def loss_of(path: Path) -> float:
-            return heldout_loss(load_causal_lm(path), val, tok.pad_token_id)
+            return heldout_loss(loader.causal(path), val, tok.pad_token_id)
 
         members, weights = list(ingredients), (list(s.weights) if s.method == "weighted" else None)
         if s.method == "greedy":

@@ -1,0 +1,282 @@
+"""GPU memory of a PPO run under the QLoRA plan, estimated from the model's config alone (meta device, no weights).
+
+    python -m salsa.memory model=gemma2b                       # any Hydra override of src/train.py works
+    python -m salsa.memory experiment=paper_llama2_7b ppo.batch_size=16 ppo.response_length=256
+
+The model is built on the meta device from the preset's shipped config (`model.arch`), so nothing is downloaded.
+Sizes come from the config: rollout batch `ppo.batch_size`, training minibatch `ppo.batch_size / num_minibatches`,
+sequence `ppo.max_prompt_length + ppo.response_length`, `len(ref.ingredients)` soup ingredients. SFT and RM
+peaks use `sft.*` / `rm.*` batch sizes and lengths; the run needs the largest of the three.
+
+Each term is a small function below. Activations are an approximation: the tensors autograd keeps for one decoder
+layer in bf16, counted for a Llama/Gemma layer; CUDA's context and allocator fragmentation (~0.5-1 GiB) come on top.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+GIB = 1024**3
+BF16, FP32 = 2, 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure arithmetic (bytes), each checked against a hand-computed case in tests/test_memory.py
+# ---------------------------------------------------------------------------------------------------------------
+def nf4_bytes(n: int, blocksize: int = 64, double_quant: bool = True, block2: int = 256) -> int:
+    """4 bits per weight plus absmax scales: one per block of `blocksize`; with double quantisation the scales are
+    themselves 8-bit, with one float32 scale per `block2` of them (a few constant bytes per tensor are ignored)."""
+    blocks = math.ceil(n / blocksize)
+    scales = blocks + math.ceil(blocks / block2) * FP32 if double_quant else blocks * FP32
+    return math.ceil(n / 2) + scales
+
+
+def lora_parameters(shapes: Sequence[tuple[int, int]], r: int) -> int:
+    """A (r × in) and B (out × r) for each adapted linear layer of shape (in, out)."""
+    return sum(r * (i + o) for i, o in shapes)
+
+
+def adam_bytes(n_trainable: int) -> int:
+    """Float32 gradients and AdamW's two moments per trainable parameter (the weights are counted as adapters)."""
+    return n_trainable * 3 * FP32
+
+
+def kv_cache_bytes(layers: int, batch: int, seq: int, kv_dim: int, dtype_bytes: int = BF16) -> int:
+    """Keys and values of every layer for every position of the batch."""
+    return 2 * layers * batch * seq * kv_dim * dtype_bytes
+
+
+def layer_activation_bytes(tokens: int, hidden: int, q_dim: int, kv_dim: int, intermediate: int) -> int:
+    """What autograd keeps for one decoder layer (bf16): norms' inputs/outputs and residuals (6·hidden), q and the
+    attention output with their rotary/attention copies (4·q_dim), k and v likewise (4·kv_dim), and the MLP's gate,
+    up, activation and product (4·intermediate)."""
+    return tokens * BF16 * (6 * hidden + 4 * q_dim + 4 * kv_dim + 4 * intermediate)
+
+
+def activation_bytes(
+    layers: int, tokens: int, hidden: int, q_dim: int, kv_dim: int, intermediate: int, checkpointing: bool
+) -> int:
+    """One forward's activations: every layer's, or with checkpointing each layer's input plus one layer's
+    activations while it is recomputed."""
+    one = layer_activation_bytes(tokens, hidden, q_dim, kv_dim, intermediate)
+    return layers * tokens * hidden * BF16 + one if checkpointing else layers * one
+
+
+def logits_bytes(tokens: int, vocab: int, training: bool) -> int:
+    """The LM head's output on the response positions: bf16 logits and their float32 log-softmax; training adds the
+    float32 gradient."""
+    return tokens * vocab * (BF16 + FP32 + (FP32 if training else 0))
+
+
+def generation_logits_bytes(batch: int, new_tokens: int, vocab: int) -> int:
+    """Sampling keeps every step's float32 logits, stacks them, and takes a float32 log-softmax."""
+    return batch * new_tokens * vocab * 3 * FP32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes from a config on the meta device
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Shapes:
+    parameters: int  # all parameters of the causal LM
+    linear: int  # parameters of the decoder's nn.Linear layers (what 4-bit quantisation stores in nf4)
+    targets: list[tuple[int, int]]  # (in, out) of each linear layer LoRA adapts
+    layers: int
+    hidden: int
+    q_dim: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+
+
+def meta_model(arch: dict[str, Any]) -> nn.Module:
+    """The causal LM of a config dict (a hub config.json's fields, with `model_type`), with no weights allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(arch)
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def model_shapes(model: nn.Module, target_modules: Sequence[str]) -> Shapes:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    output = model.get_output_embeddings()
+    linear, targets = 0, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not output:
+            linear += module.weight.numel()
+            if name.rsplit(".", 1)[-1] in target_modules:
+                targets.append((module.in_features, module.out_features))
+    return Shapes(
+        parameters=sum(p.numel() for p in model.parameters()),
+        linear=linear,
+        targets=targets,
+        layers=cfg.num_hidden_layers,
+        hidden=cfg.hidden_size,
+        q_dim=cfg.num_attention_heads * head_dim,
+        kv_dim=cfg.num_key_value_heads * head_dim,
+        intermediate=cfg.intermediate_size,
+        vocab=cfg.vocab_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The PPO estimate
+# ---------------------------------------------------------------------------------------------------------------
+def estimate(
+    shapes: Shapes,
+    quant: str,
+    r: int,
+    ingredients: int,
+    rollout_batch: int,
+    minibatch: int,
+    prompt_len: int,
+    response_len: int,
+    checkpointing: bool = True,
+) -> dict[str, float]:
+    """Bytes of each part of a PPO run on one GPU under the QLoRA plan (see the module docstring)."""
+    seq = prompt_len + response_len
+    other = shapes.parameters - shapes.linear
+    base = (nf4_bytes(shapes.linear) if quant == "nf4" else shapes.linear * BF16) + other * BF16
+    one_adapter = lora_parameters(shapes.targets, r)
+    frozen = lora_parameters(shapes.targets, r * ingredients) + one_adapter  # the soup (rank Σr) and the reward's
+    trainable = 2 * one_adapter + shapes.hidden  # the policy's new adapter, the value adapter and its head
+    forward = activation_bytes(
+        shapes.layers, minibatch * seq, shapes.hidden, shapes.q_dim, shapes.kv_dim, shapes.intermediate, checkpointing
+    )
+    train = 2 * forward + logits_bytes(minibatch * response_len, shapes.vocab, training=True)  # policy + value
+    rollout = kv_cache_bytes(shapes.layers, rollout_batch, seq, shapes.kv_dim) + max(
+        generation_logits_bytes(rollout_batch, response_len, shapes.vocab),
+        logits_bytes(rollout_batch * response_len, shapes.vocab, training=False),  # reference log-probs
+    )
+    parts = {
+        "base_weights": base,
+        "adapters_frozen": frozen * FP32,
+        "adapters_trainable": trainable * FP32,
+        "grads_and_optimizer": adam_bytes(trainable),
+        "activations_train": train,
+        "rollout": rollout,
+    }
+    parts["peak"] = sum(v for k, v in parts.items() if k not in ("activations_train", "rollout")) + max(train, rollout)
+    parts.update(
+        parameters=shapes.parameters, linear_parameters=shapes.linear, adapter_parameters=one_adapter,
+        trainable_parameters=trainable, frozen_adapter_parameters=frozen,
+    )  # fmt: skip
+    return parts
+
+
+def estimate_supervised(
+    shapes: Shapes, quant: str, r: int, batch: int, seq: int, lm_head: bool, checkpointing: bool = True
+) -> float:
+    """Peak bytes of SFT (`lm_head`: logits on every position) or reward-model training: the base, one trainable
+    adapter with its optimizer, one forward's activations."""
+    other = shapes.parameters - shapes.linear
+    base = (nf4_bytes(shapes.linear) if quant == "nf4" else shapes.linear * BF16) + other * BF16
+    adapter = lora_parameters(shapes.targets, r) + shapes.hidden
+    tokens = batch * seq
+    acts = activation_bytes(
+        shapes.layers, tokens, shapes.hidden, shapes.q_dim, shapes.kv_dim, shapes.intermediate, checkpointing
+    )
+    return (
+        base
+        + adapter * FP32
+        + adam_bytes(adapter)
+        + acts
+        + (logits_bytes(tokens, shapes.vocab, True) if lm_head else 0)
+    )
+
+
+def estimate_from_cfg(cfg) -> tuple[dict[str, float], dict[str, Any]]:
+    m, p = cfg.model, cfg.ppo
+    if not m.get("arch") or "model_type" not in m.arch:
+        raise ValueError(f"model={m.name} ships no hub config (model.arch with model_type): nothing to estimate")
+    from omegaconf import OmegaConf
+
+    lora = m.get("lora") or {"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    shapes = model_shapes(meta_model(OmegaConf.to_container(m.arch, resolve=True)), list(lora["target_modules"]))
+    sizes = {
+        "rollout_batch": p.batch_size, "minibatch": p.batch_size // p.num_minibatches,
+        "prompt_len": p.max_prompt_length, "response_len": p.response_length,
+    }  # fmt: skip
+    parts = estimate(
+        shapes,
+        m.get("quant", "none"),
+        lora["r"],
+        len(cfg.ref.ingredients),
+        checkpointing=bool(m.get("gradient_checkpointing", True)),
+        **sizes,
+    )
+    quant, ckpt = m.get("quant", "none"), bool(m.get("gradient_checkpointing", True))
+    parts["sft_peak"] = estimate_supervised(
+        shapes,
+        quant,
+        lora["r"],
+        cfg.sft.batch_size,
+        cfg.sft.max_prompt_length + cfg.sft.max_response_length,
+        True,
+        ckpt,
+    )
+    parts["rm_peak"] = estimate_supervised(
+        shapes,
+        quant,
+        lora["r"],
+        2 * cfg.rm.batch_size,
+        cfg.rm.max_prompt_length + cfg.rm.max_response_length,
+        False,
+        ckpt,
+    )  # chosen and rejected in one forward
+    return parts, {"model": m.name, "name_or_path": m.get("name_or_path"), "quant": m.get("quant", "none"), **sizes}
+
+
+def report(parts: dict[str, float], info: dict[str, Any]) -> str:
+    gib = {k: parts[k] / GIB for k in parts}
+    lines = [
+        f"{info['model']} ({info['name_or_path']}), quant={info['quant']}: PPO with rollout batch "
+        f"{info['rollout_batch']}, minibatch {info['minibatch']}, sequence {info['prompt_len']}+{info['response_len']}",
+        f"  parameters            {parts['parameters'] / 1e9:.2f} B ({parts['linear_parameters'] / 1e9:.2f} B in "
+        f"linear layers)",
+        f"  adapters              {parts['adapter_parameters'] / 1e6:.1f} M per adapter; "
+        f"{parts['trainable_parameters'] / 1e6:.1f} M trainable, "
+        f"{parts['frozen_adapter_parameters'] / 1e6:.1f} M frozen",
+        f"  base weights          {gib['base_weights']:6.2f} GiB",
+        f"  adapters              {gib['adapters_frozen'] + gib['adapters_trainable']:6.2f} GiB",
+        f"  grads + optimizer     {gib['grads_and_optimizer']:6.2f} GiB",
+        f"  activations (train)   {gib['activations_train']:6.2f} GiB",
+        f"  rollout (KV + logits) {gib['rollout']:6.2f} GiB",
+        f"  PPO peak              {gib['peak']:6.2f} GiB",
+        f"  SFT peak              {gib['sft_peak']:6.2f} GiB  (sft.batch_size sequences of the SFT lengths)",
+        f"  RM peak               {gib['rm_peak']:6.2f} GiB  (2 x rm.batch_size sequences)",
+        f"  the run needs         {max(gib['peak'], gib['sft_peak'], gib['rm_peak']):6.2f} GiB  "
+        "(+ CUDA context and fragmentation, ~0.5-1 GiB)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    import os
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    root = Path(__file__).resolve().parents[2]
+    os.environ.setdefault("SALSA_ROOT", str(root))
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    text = report(*estimate_from_cfg(cfg))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Local stand-ins for hub models and datasets: tiny Gemma/Llama/Mistral checkpoints and data files in the real
+schemas, written into temp dirs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import GemmaConfig, LlamaConfig, MistralConfig, PreTrainedTokenizerFast
+
+from salsa.models import CHAT_TEMPLATE
+
+WORDS = (
+    "how do i bake bread write a poem about the sea explain why the sky is blue give me three tips for sleeping "
+    "well sure here is a short answer first mix flour and water then wait the sea is wide and deep light scatters "
+    "in the air go to bed early avoid screens keep a routine thank you i am not sure what is the capital of france "
+    "paris is the capital human assistant hello can you help me please yes of course no sorry"
+).split()
+ARCHS = ("gemma", "llama", "mistral")
+
+
+def word_tokenizer(chat_template: bool, pad: bool) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over WORDS. Llama- and Mistral-like ones have no chat template and no pad token."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=specials))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+        **({"pad_token": "<pad>"} if pad else {}),
+    )
+    if chat_template:
+        hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def arch_config(arch: str, vocab_size: int, tok) -> object:
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    if arch == "gemma":
+        return GemmaConfig(num_attention_heads=2, num_key_value_heads=1, head_dim=32, **common)
+    if arch == "llama":
+        return LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
+    if arch == "mistral":
+        return MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=128, **common)
+    raise ValueError(arch)
+
+
+def tiny_checkpoint(path: Path, arch: str = "gemma", seed: int = 0) -> Path:
+    """A randomly initialised tiny checkpoint + tokenizer saved like a hub model (safetensors, config, tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = word_tokenizer(chat_template=arch == "gemma", pad=arch == "gemma")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(arch_config(arch, len(tok), tok))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data files in the hub datasets' schemas
+# ---------------------------------------------------------------------------------------------------------------
+PROMPTS = [
+    "how do i bake bread",
+    "write a poem about the sea",
+    "explain why the sky is blue",
+    "give me three tips for sleeping well",
+    "what is the capital of france",
+    "can you help me please",
+]
+GOOD = [
+    "first mix flour and water then wait",
+    "the sea is wide and deep",
+    "light scatters in the air",
+    "go to bed early avoid screens keep a routine",
+    "paris is the capital",
+    "yes of course",
+]
+BAD = ["no sorry", "i am not sure", "hello", "no", "i am not sure what is", "sorry"]
+
+
+def _messages(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def ultrafeedback_rows(n: int) -> list[dict]:
+    """Rows of HuggingFaceH4/ultrafeedback_binarized (prompt, prompt_id, chosen, rejected, messages, scores)."""
+    rows = []
+    for i in range(n):
+        p, good, bad = PROMPTS[i % len(PROMPTS)], GOOD[i % len(GOOD)], BAD[i % len(BAD)]
+        rows.append(
+            {
+                "prompt": p,
+                "prompt_id": f"id{i}",
+                "chosen": _messages(p, good),
+                "rejected": _messages(p, bad),
+                "messages": _messages(p, good),
+                "score_chosen": 8.0,
+                "score_rejected": 3.0,
+            }
+        )
+    return rows
+
+
+def hh_rlhf_rows(n: int) -> list[dict]:
+    """Rows of Anthropic/hh-rlhf: `chosen` and `rejected` transcripts that differ in the last assistant turn."""
+    rows = []
+    for i in range(n):
+        p, good, bad = PROMPTS[i % len(PROMPTS)], GOOD[i % len(GOOD)], BAD[i % len(BAD)]
+        history = "\n\nHuman: hello\n\nAssistant: hello can you help me" if i % 2 else ""
+        rows.append(
+            {
+                "chosen": f"{history}\n\nHuman: {p}\n\nAssistant: {good}",
+                "rejected": f"{history}\n\nHuman: {p}\n\nAssistant: {bad}",
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def ultrafeedback_dir(root: Path, n: int = 24, fmt: str = "jsonl") -> Path:
+    write = write_jsonl if fmt == "jsonl" else write_parquet
+    for split in ("train_sft", "test_sft", "train_prefs", "test_prefs"):
+        write(root / f"{split}.{fmt}", ultrafeedback_rows(n))
+    return root
+
+
+def hh_rlhf_dir(root: Path, n: int = 24, fmt: str = "jsonl") -> Path:
+    write = write_jsonl if fmt == "jsonl" else write_parquet
+    for split in ("train", "test"):
+        write(root / f"{split}.{fmt}", hh_rlhf_rows(n))
+    return root

@@ -1,0 +1,258 @@
+"""The QLoRA memory plan on tiny Gemma-, Llama- and Mistral-architecture checkpoints saved locally, under nf4.
+
+One base in memory; the reference = base + the mean of the ingredients' deltas; the policy starts exactly at the
+reference; training moves only the policy and value adapters; what is saved loads with plain peft.
+"""
+
+from pathlib import Path
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from salsa.cache import Entry
+from salsa.lora import (
+    AdapterError,
+    BaseSettings,
+    LoraSettings,
+    SharedBase,
+    build_adapter_actors,
+    load_base,
+    quantization_config,
+    read_adapter,
+)
+from salsa.soup import soup_lora_adapters
+from tests.hub_fixtures import ARCHS, tiny_checkpoint
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _entry(stage: str, path: Path) -> Entry:
+    return Entry(stage, path.name, path, {}, reused=False)
+
+
+def _ingredients(ckpt: Path, root: Path, ranks=(2, 2, 4)) -> list[Path]:
+    """SFT-like LoRA ingredients with non-zero B (as if trained), saved by plain peft."""
+    paths = []
+    for i, r in enumerate(ranks):
+        torch.manual_seed(10 + i)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(ckpt), cfg)
+        model.save_pretrained(root / f"sft{i}")
+        paths.append(root / f"sft{i}")
+    return paths
+
+
+def _reward_adapter(ckpt: Path, out: Path) -> Path:
+    torch.manual_seed(99)
+    base = AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False, task_type="SEQ_CLS")
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(out)
+    return out
+
+
+def _settings(ckpt: Path, **kw) -> BaseSettings:
+    lora = LoraSettings(r=4, alpha=8, target_modules=TARGETS)
+    return BaseSettings(name_or_path=str(ckpt), quant="nf4", lora=lora, **kw)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def plan(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = tiny_checkpoint(root / "base", request.param)
+    ingredients = _ingredients(ckpt, root)
+    soup_lora_adapters(ingredients, root / "soup")
+    rm = _reward_adapter(ckpt, root / "rm")
+    soup = _entry("soup", root / "soup")
+    actors = build_adapter_actors(_settings(ckpt), soup, soup, _entry("rm", rm), "cpu")
+    return ckpt, ingredients, rm, actors
+
+
+def _batch(actors, n=3, t=10, prompt_len=4):
+    vocab = actors.shared.lm.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(3, vocab, (n, t), generator=g)
+    mask = torch.ones_like(seq)
+    mask[0, :2] = 0  # one left-padded row
+    return seq, mask, prompt_len
+
+
+def test_quantization_config():
+    q = quantization_config("nf4", torch.bfloat16)
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config("none", torch.float32) is None
+    with pytest.raises(AdapterError, match="model.quant"):
+        quantization_config("int3", torch.float32)
+    with pytest.raises(AdapterError, match="name_or_path"):
+        BaseSettings.from_cfg({"name_or_path": None})
+
+
+def _adapter_or_head(name: str) -> bool:
+    return ".lora_" in name or "heads." in name or name.startswith("score.")
+
+
+def test_base_tensors_exist_once(plan):
+    _, _, _, actors = plan
+    base = {n: p for n, p in actors.shared.lm.named_parameters() if ".lora_" not in n}
+    assert any(isinstance(m, Linear4bit) for m in actors.shared.lm.modules()), "the base is quantised"
+    # every model reaches the very same base tensors: one storage per base parameter, shared by all four
+    seen = []
+    for view in (actors.policy, actors.reference, actors.value, actors.reward):
+        seen.append({p.data_ptr() for n, p in view.named_parameters() if not _adapter_or_head(n)})
+    assert seen[0] == seen[1] == seen[2] == seen[3] == {p.data_ptr() for p in base.values()}
+    assert len({p.untyped_storage().data_ptr() for p in base.values()}) == len(base)
+    all_params = {id(p) for p in actors.parameters()}
+    assert len(all_params) == len(list(actors.parameters()))  # parameters() yields each tensor once
+    # only the policy's new adapter, the value adapter and the value head train
+    trainable = [n for n, p in actors.named_parameters() if p.requires_grad]
+    assert trainable and all(".policy." in n or ".value." in n or "heads.value" in n for n in trainable)
+
+
+def _dequantized_linear_weights(lm) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, module in lm.named_modules():
+        if isinstance(module, Linear4bit):
+            w = module.weight
+            out[name.replace(".base_layer", "") + ".weight"] = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    return out
+
+
+@torch.no_grad()
+def test_reference_is_base_plus_mean_delta_and_policy_starts_there(plan):
+    ckpt, ingredients, _, actors = plan
+    seq, mask, p = _batch(actors)
+    ref = actors.reference_logits(seq, mask, p)
+    # expected: a plain float model with the dequantised base weights plus the mean of the ingredients' deltas
+    expected_model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    state = expected_model.state_dict()
+    state.update(_dequantized_linear_weights(actors.shared.lm))
+    for path in ingredients:
+        cfg, factors, _ = read_adapter(path)
+        scale = cfg["lora_alpha"] / cfg["r"]
+        for a_name in [k for k in factors if k.endswith("lora_A.weight")]:
+            target = a_name.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            b = factors[a_name.replace("lora_A", "lora_B")]
+            state[target] = state[target] + scale * (b.float() @ factors[a_name].float()) / len(ingredients)
+    expected_model.load_state_dict(state)
+    from salsa.actors import response_logits
+
+    expected = response_logits(expected_model, seq, mask, p)
+    torch.testing.assert_close(ref, expected, rtol=1e-4, atol=1e-4)
+    # the base alone differs (the soup's delta is not zero), and the policy equals the reference exactly
+    with actors.shared.active([]):
+        assert (response_logits(actors.shared.lm, seq, mask, p) - ref).abs().max() > 1e-3
+    torch.testing.assert_close(actors.policy_logits(seq, mask, p), ref, rtol=0, atol=0)
+
+
+def test_training_moves_policy_only_and_saved_adapters_load_with_plain_peft(plan, tmp_path):
+    ckpt, _, rm, actors = plan
+    seq, mask, p = _batch(actors)
+    with torch.no_grad():
+        ref_before, score_before = actors.reference_logits(seq, mask, p), actors.scores(seq, mask)
+    opt = torch.optim.SGD(actors.trainable_parameters(), lr=1.0)
+    actors.train()
+    loss = actors.policy_logits(seq, mask, p).logsumexp(-1).mean() + actors.values(seq, mask, p).pow(2).mean()
+    loss.backward()
+    opt.step()
+    actors.eval()
+    with torch.no_grad():
+        policy = actors.policy_logits(seq, mask, p)
+        torch.testing.assert_close(actors.reference_logits(seq, mask, p), ref_before, rtol=0, atol=0)
+        torch.testing.assert_close(actors.scores(seq, mask), score_before, rtol=0, atol=0)
+    assert (policy - ref_before).abs().max() > 1e-4
+
+    # the policy is saved as one adapter (soup + delta summed) that plain peft loads on the quantised base
+    actors.save_policy(tmp_path / "policy")
+    quant = quantization_config("nf4", torch.float32)
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=quant, device_map="cpu"), tmp_path / "policy"
+    ).eval()
+    from salsa.actors import response_logits
+
+    with torch.no_grad():
+        torch.testing.assert_close(response_logits(plain, seq, mask, p), policy, rtol=1e-4, atol=1e-4)
+    # the reward adapter (LoRA + score head) loads with plain peft too, and scores as the shared-base reward does
+    from salsa.models import sequence_scores
+
+    reward = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1, quantization_config=quant), rm
+    ).eval()
+    with torch.no_grad():
+        got = sequence_scores(reward.get_base_model(), seq, mask)
+    torch.testing.assert_close(got, score_before, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpointed_recompute_uses_each_forwards_adapters(tmp_path):
+    """PPO's loss sums a policy and a value forward; with checkpointing the backward recomputes both and must
+    switch adapters back for each, or the gradients would silently be wrong."""
+    ckpt = tiny_checkpoint(tmp_path / "base", "llama")
+    rm = _reward_adapter(ckpt, tmp_path / "rm")
+    grads = []
+    for checkpointing in (False, True):
+        shared = SharedBase(load_base(_settings(ckpt), "cpu"), str(ckpt))
+        if checkpointing:
+            shared.enable_checkpointing()
+        torch.manual_seed(0)
+        shared.lm.train()
+        shared.load_adapter("value", rm, trainable=True)
+        shared._add("policy", LoraSettings(r=2, alpha=4, target_modules=TARGETS).config(init_lora_weights=False), True)
+        seq = torch.randint(3, 40, (2, 8))
+        mask = torch.ones_like(seq)
+        from salsa.models import scalar_head_outputs
+
+        logits = shared.causal(["policy"])(input_ids=seq, attention_mask=mask).logits
+        values = scalar_head_outputs(shared.scalar(["value"], "value"), seq, mask)
+        (logits.logsumexp(-1).mean() + values.pow(2).mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in shared.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_errors(plan, tmp_path):
+    _, ingredients, _, actors = plan
+    with pytest.raises(AdapterError, match="not a peft adapter"):
+        actors.shared.load_adapter("x", tmp_path)
+    with pytest.raises(AdapterError, match="already exists"):
+        actors.shared.load_adapter("reward", ingredients[0])
+    with pytest.raises(AdapterError, match="unknown adapters"), actors.shared.active(["nope"]):
+        pass
+    # an adapter whose tensors name modules the base lacks, or have other shapes, does not fit
+    import shutil
+
+    from safetensors.torch import save_file
+
+    for case in ("renamed", "reshaped"):
+        bad = tmp_path / case
+        shutil.copytree(ingredients[0], bad)
+        tensors = load_file(bad / "adapter_model.safetensors")
+        name = next(k for k in tensors if k.endswith("lora_A.weight"))
+        if case == "renamed":
+            tensors[name.replace(".lora_A", "_elsewhere.lora_A")] = tensors.pop(name)
+        else:
+            tensors[name] = torch.zeros(tensors[name].shape[0], tensors[name].shape[1] + 1)
+        save_file(tensors, bad / "adapter_model.safetensors")
+        with pytest.raises(AdapterError, match="does not fit"):
+            actors.shared.load_adapter(case, bad)
+        assert case not in actors.shared.adapters  # a failed load leaves nothing behind
+
+
+def test_checkpoints_hold_only_trainable_tensors(plan):
+    """Lightning's resume checkpoints of the QLoRA actors hold the trained adapters and head, not the 4-bit base."""
+    _, _, _, actors = plan
+    state = actors.state_dict()
+    trainable = {n for n, p in actors.named_parameters() if p.requires_grad}
+    assert set(state) == trainable
+    changed = {k: v + 1.0 for k, v in state.items()}
+    result = actors.load_state_dict(changed, strict=True)  # the frozen tensors' absence is not an error
+    assert not result.missing_keys and not result.unexpected_keys
+    for name, p in actors.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), changed[name])
+    actors.load_state_dict(state)

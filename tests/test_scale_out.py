@@ -1,0 +1,80 @@
+"""Scale-out configs: DDP/FSDP/DeepSpeed trainers, the SLURM launcher, which process is rank 0."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from salsa.context import Context
+from salsa.distributed import is_global_zero, rank_name
+from salsa.stages.base import run_base
+from tests.conftest import CONF, make_cfg
+
+
+@pytest.mark.parametrize(
+    ("trainer", "strategy"), [("ddp", "ddp"), ("fsdp", "fsdp"), ("deepspeed", "deepspeed_stage_2")]
+)
+def test_trainer_strategies(tmp_path, trainer, strategy):
+    cfg = make_cfg(tmp_path, f"trainer={trainer}")
+    assert cfg.trainer.strategy == strategy and cfg.trainer.devices == 2
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+
+
+def test_qlora_refuses_sharded_strategies(tmp_path):
+    cfg = make_cfg(tmp_path, "model=gemma2b", "model.name_or_path=/nowhere", "trainer=fsdp", "logger=none")
+    with pytest.raises(ValueError, match="cannot shard a 4-bit base"):
+        run_base(Context.from_cfg(cfg))
+
+
+def test_slurm_launcher_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=1", "experiment=paper_gemma2b"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "zero", "name"),
+    [
+        ({}, True, "0-0"),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "0", "WORLD_SIZE": "2"}, True, "0-0"),
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, False, "0-1"),
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False, "1-0"),
+        ({"RANK": "3", "LOCAL_RANK": "1"}, False, "3"),
+    ],
+)
+def test_rank_from_launcher_environment(monkeypatch, env, zero, name):
+    for var in ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert is_global_zero() is zero and rank_name() == name
+
+
+def test_other_ranks_build_in_scratch_and_publish_nothing(tmp_path, monkeypatch):
+    """Without a process group yet (the first build), a non-zero rank trains in its own scratch directory, restores
+    rank 0's checkpoint when rank 0 resumes, and never writes the cache's published entries or build log."""
+    cfg = make_cfg(tmp_path, "logger=none", "extras.keep_rank_outputs=true")
+    ctx = Context.from_cfg(cfg)
+    spec = {"x": 1}
+    from salsa.cache import stage_key
+
+    key = stage_key("sft", spec)
+    resume = ctx.cache.root / "sft" / f"{key}.partial" / "checkpoints"
+    resume.mkdir(parents=True)
+    (resume / "last.ckpt").write_text("rank 0's checkpoint")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    seen = {}
+
+    def build(work, run_id):
+        seen["work"], seen["ckpt"] = work, (work / "checkpoints" / "last.ckpt").read_text()
+        return {"metrics": {"val_loss": 1.5}}
+
+    entry = ctx.build("sft", spec, build)
+    assert seen["ckpt"] == "rank 0's checkpoint" and seen["work"].name == f"{key}.rank0-1"
+    assert entry.path == seen["work"] and entry.manifest["metrics"] == {"val_loss": 1.5}
+    assert ctx.cache.lookup("sft", key) is None and ctx.cache.builds() == []
