@@ -100,3 +100,16 @@ def test_adaptive_kl_changes_the_coefficient(stages):
     # KL far below a huge target: the error clips at -0.2 and each iteration scales β by 1 - 0.2 · batch / horizon
     shrink = 1 - 0.2 * module.config.batch_size / 10.0
     assert module.kl_ctl.value == pytest.approx(cfg.ppo.kl_coef * shrink**2)
+
+
+def test_ppo_models_run_without_dropout(stages):
+    """SFT checkpoints carry attention dropout; in PPO an update's forward pass must match the rollout's."""
+    module, soup = _module(*stages)
+    assert load_causal_lm(soup.path).model.layers[0].self_attn.attention_dropout > 0  # the checkpoint has dropout
+    module.actors.train()
+    x = torch.randint(6, len(module.tokenizer), (4, 12))
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        first = module.actors.policy(input_ids=x, attention_mask=mask).logits
+        second = module.actors.policy(input_ids=x, attention_mask=mask).logits
+    assert torch.equal(first, second)

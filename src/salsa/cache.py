@@ -26,7 +26,7 @@ from filelock import FileLock
 
 MANIFEST = "manifest.json"
 # bump when a change to the code makes old cache entries wrong
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def stage_key(stage: str, spec: dict[str, Any]) -> str:

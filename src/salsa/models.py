@@ -66,15 +66,22 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_causal_lm(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **config
+):
+    """A causal LM from a safetensors checkpoint. `config` overrides config fields before the layers are built
+    (e.g. attention_dropout: setting it on `model.config` afterwards would not reach the layers)."""
     return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **config
     )
 
 
-def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_reward_model(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **config
+):
+    """A scalar-head (*ForSequenceClassification) model from a safetensors checkpoint; `config` as above."""
     return AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        str(path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **config
     )
 
 

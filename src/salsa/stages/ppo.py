@@ -229,12 +229,11 @@ class PPOModule(pl.LightningModule):
 
 
 def build_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullActors:
-    policy = load_causal_lm(policy_init.path)
-    ref = load_causal_lm(reference.path)
-    value = load_reward_model(rm.path)  # the value function starts as the reward model
-    reward = load_reward_model(rm.path)
-    for m in (policy, ref, value, reward):
-        m.config.attention_dropout = 0.0  # dropout would make the rollout's logprobs differ from the update's
+    # no dropout: it would make the update's log-probs differ from the rollout's (SFT checkpoints carry 0.1)
+    policy = load_causal_lm(policy_init.path, attention_dropout=0.0)
+    ref = load_causal_lm(reference.path, attention_dropout=0.0)
+    value = load_reward_model(rm.path, attention_dropout=0.0)  # the value function starts as the reward model
+    reward = load_reward_model(rm.path, attention_dropout=0.0)
     return FullActors(policy, value, ref, reward)
 
 

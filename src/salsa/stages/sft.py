@@ -129,8 +129,8 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
             tok, model = new_adapter_model(BaseSettings.from_cfg(cfg.model), ctx.device)
         else:
             tok = load_tokenizer(base.path)
-            model = load_causal_lm(base.path)
-            model.config.attention_dropout = s.attention_dropout  # dropout is one of the seeds' sources of diversity
+            # dropout is one of the seeds' sources of diversity
+            model = load_causal_lm(base.path, attention_dropout=s.attention_dropout)
         train = LMDataset.from_examples(tok, ctx.data.sft_train, s.max_prompt_length, s.max_response_length)
         fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed, f"sft {index}")
         model.save_pretrained(str(work))
