@@ -104,12 +104,17 @@ class PPOModule(pl.LightningModule):
         self.save_hyperparameters(asdict(config))
 
     # -- 1-5: rollout ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> Samples:
+        c = self.config
+        return sample(self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature)
+
+    # inference mode: no autograd bookkeeping; the update's minibatch indexing turns these into ordinary tensors
+    @torch.inference_mode()
     def rollout(self, prompts: list[str], iteration: int) -> dict:
         c = self.config
         torch.manual_seed(c.seed * 1_000_003 + iteration)  # sampling is a function of (seed, iteration): resumable
         query, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, self.device)
-        s: Samples = sample(self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature)
+        s: Samples = self.generate(query, query_mask)
         seq, attn, mask, P = s.sequences, s.attention_mask, s.response_mask, query.size(1)
 
         ref_logp = token_logprobs(self.actors.reference_logits(seq, attn, P), s.response, c.temperature) * mask
@@ -151,9 +156,10 @@ class PPOModule(pl.LightningModule):
         n = batch["sequences"].size(0)
         size = n // c.num_minibatches
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + iteration)
+        # every epoch's order drawn up front and moved in one copy: no host-device transfer inside the loop
+        orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(c.ppo_epochs)]).to(self.device)
         totals: dict[str, list[torch.Tensor]] = {}
-        for _ in range(c.ppo_epochs):
-            order = torch.randperm(n, generator=gen).to(self.device)
+        for order in orders:
             for start in range(0, n, size):
                 mb = {k: v[order[start : start + size]] for k, v in batch.items()}
                 logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
@@ -195,7 +201,9 @@ class PPOModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        return torch.optim.AdamW(self.actors.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay, eps=1e-5)
+        params = self.actors.trainable_parameters()
+        # foreach: one multi-tensor kernel per Adam step, not a Python loop over tensors (the CPU default)
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, eps=1e-5, foreach=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
