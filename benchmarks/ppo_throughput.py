@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from benchmarks._common import VENVS, ensure_venv, human_bytes, run_measured  # noqa: E402
+from benchmarks._common import VENVS, PhaseClock, ensure_venv, human_bytes, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PACKAGES = ["trl==1.0.0"]  # its PPOTrainer's last release (`trl.experimental.ppo`)
@@ -162,54 +162,36 @@ def run_ours(workdir: Path, iterations: int, out: Path) -> None:
     from salsa.models import load_tokenizer
     from salsa.stages.ppo import PPOConfig, PPOModule, build_actors
 
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    clock = PhaseClock()
 
-    clock: dict = {"iterations": [], "current": {"generation": 0.0, "scoring": 0.0}}
-
-    def timed(phase: str, fn, only_without_grad: bool = False):
-        def wrapper(*args, **kwargs):
-            if only_without_grad and torch.is_grad_enabled():  # the update's own value pass: timed as update
-                return fn(*args, **kwargs)
-            sync()
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            sync()
-            clock["current"][phase] += time.perf_counter() - start
-            return result
+    def scoring(fn):
+        def wrapper(*args, **kwargs):  # the update's own value pass (with gradients) belongs to the update
+            return clock.timed("scoring", fn)(*args, **kwargs) if not torch.is_grad_enabled() else fn(*args, **kwargs)
 
         return wrapper
 
     class TimedPPO(PPOModule):
         def generate(self, query, query_mask):
-            s = timed("generation", super().generate)(query, query_mask)
-            clock["shape"] = {"batch": query.size(0), "prompt_len": query.size(1), "response_len": s.response.size(1)}
+            s = clock.timed("generation", super().generate)(query, query_mask)
+            clock.shape = {"batch": query.size(0), "prompt_len": query.size(1), "response_len": s.response.size(1)}
             return s
 
         def update(self, batch, prompt_len, iteration):
-            sync()
-            clock["update_start"] = time.perf_counter()
+            clock.mark_update()
             return super().update(batch, prompt_len, iteration)
 
         def on_train_start(self) -> None:
-            sync()
-            clock["last"] = time.perf_counter()
+            clock.start()
 
         def on_train_batch_end(self, *args) -> None:
-            sync()
-            now = time.perf_counter()
-            it = dict(clock["current"], iteration=now - clock["last"], update=now - clock["update_start"])
-            it["other"] = it["iteration"] - it["generation"] - it["scoring"] - it["update"]
-            clock["iterations"].append({**it, **clock["shape"]})
-            clock["last"], clock["current"] = now, {"generation": 0.0, "scoring": 0.0}
+            clock.end_iteration()
 
     config = PPOConfig(**{**json.loads((workdir / "settings.json").read_text()), "iterations": iterations})
     policy_dir, reward_dir = (Entry("bench", n, workdir / n, {}, False) for n in ("policy", "reward"))
     actors = build_actors(policy_dir, policy_dir, reward_dir)
-    actors.reference_logits = timed("scoring", actors.reference_logits)
-    actors.values = timed("scoring", actors.values, only_without_grad=True)
-    actors.scores = timed("scoring", actors.scores)
+    actors.reference_logits = scoring(actors.reference_logits)
+    actors.values = scoring(actors.values)
+    actors.scores = scoring(actors.scores)
     prompts = json.loads((workdir / "prompts.json").read_text())
     module = TimedPPO(actors, load_tokenizer(workdir / "policy"), prompts, config, judge=None)
     trainer = pl.Trainer(
@@ -228,7 +210,7 @@ def run_ours(workdir: Path, iterations: int, out: Path) -> None:
         "tool": "salsa",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "iterations": clock["iterations"],
+        "iterations": clock.iterations,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     out.write_text(json.dumps(result, indent=1))

@@ -12,11 +12,12 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks._common` needs only torch
 
 import torch  # noqa: E402
 import trl  # noqa: E402
@@ -30,41 +31,7 @@ from transformers import (  # noqa: E402
 )
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class PhaseClock:
-    """Seconds per phase in the current iteration; `end_iteration` closes it at TRL's on_step_end."""
-
-    def __init__(self):
-        self.iterations: list[dict] = []
-        self.last = None
-        self.current = {"generation": 0.0, "scoring": 0.0}
-        self.update_start = None
-        self.shape = None
-
-    def timed(self, phase: str, fn):
-        def wrapper(*args, **kwargs):
-            sync()
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            sync()
-            self.current[phase] += time.perf_counter() - start
-            return out
-
-        return wrapper
-
-    def end_iteration(self) -> None:
-        sync()
-        now = time.perf_counter()
-        it = dict(self.current, iteration=now - self.last, update=now - self.update_start, **self.shape)
-        it["other"] = it["iteration"] - it["generation"] - it["scoring"] - it["update"]
-        self.iterations.append(it)
-        self.last, self.update_start = now, None
-        self.current = {"generation": 0.0, "scoring": 0.0}
+from benchmarks._common import PhaseClock  # noqa: E402
 
 
 def instrument(clock: PhaseClock) -> None:
@@ -77,9 +44,7 @@ def instrument(clock: PhaseClock) -> None:
 
     def timed_forward(model, *args, **kwargs):
         if isinstance(model, ppo_trainer.PolicyAndValueWrapper):  # the update's policy + value pass
-            if clock.update_start is None:
-                sync()
-                clock.update_start = time.perf_counter()
+            clock.mark_update()
             return forward(model, *args, **kwargs)
         return clock.timed("scoring", forward)(model, *args, **kwargs)  # the reference pass
 
@@ -148,8 +113,7 @@ def main() -> None:
 
     class Iterations(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            sync()
-            clock.last = time.perf_counter()
+            clock.start()
 
         def on_step_end(self, *a, **k):
             clock.end_iteration()
