@@ -68,10 +68,11 @@ def average_tensors(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -
     """
     out, dtype = None, None
     for t, w in zip(tensors, weights, strict=True):
-        if out is None:
+        if out is None:  # w · t is exactly 0 + w · t: one pass instead of zeros then add
             dtype = t.dtype
-            out = torch.zeros(t.shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        out.add_(t.to(out.dtype), alpha=w)
+            out = t.to(torch.float64 if dtype == torch.float64 else torch.float32) * w
+        else:
+            out.add_(t.to(out.dtype), alpha=w)
     return out.to(dtype)
 
 
@@ -201,12 +202,10 @@ class SafetensorsReader:
         meta = self.header[name]
         begin, end = meta["data_offsets"]
         dtype = SAFE_DTYPES[meta["dtype"]]
-        if end == begin:
-            return torch.empty(meta["shape"], dtype=dtype)
-        buf = bytearray(end - begin)
+        raw = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: the read fills it, no zeroing pass
         self._file.seek(self._data_start + begin)
-        self._file.readinto(buf)
-        return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+        self._file.readinto(memoryview(raw.numpy()))
+        return raw.view(dtype).reshape(meta["shape"])
 
     def close(self) -> None:
         self._file.close()
