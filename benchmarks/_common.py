@@ -65,43 +65,58 @@ def sync() -> None:
 
 class PhaseClock:
     """Seconds per phase of each PPO iteration, measured the same way for both trainers: generation and scoring
-    are summed over timed calls, the update runs from its start to the iteration's end, and `other` is the rest."""
+    are summed over timed calls, the update runs from its start to the iteration's end, and `other` is the rest.
+
+    Each phase gets wall-clock seconds and this process's CPU seconds (`cpu_<phase>`, all its threads): on a
+    machine shared with other work, wall time includes waiting for a core and CPU time does not.
+    """
+
+    PHASES = ("generation", "scoring")
 
     def __init__(self):
         self.iterations: list[dict] = []
-        self.current = {"generation": 0.0, "scoring": 0.0}
-        self.last: float | None = None
-        self.update_start: float | None = None
+        self.current = self._zero()
+        self.last: tuple[float, float] | None = None
+        self.update_start: tuple[float, float] | None = None
         self.shape: dict = {}
 
-    def start(self) -> None:
+    @staticmethod
+    def _now() -> tuple[float, float]:
         sync()
-        self.last = time.perf_counter()
+        return time.perf_counter(), time.process_time()
+
+    def _zero(self) -> dict[str, float]:
+        return {k: 0.0 for phase in self.PHASES for k in (phase, f"cpu_{phase}")}
+
+    def start(self) -> None:
+        self.last = self._now()
 
     def mark_update(self) -> None:
         if self.update_start is None:
-            sync()
-            self.update_start = time.perf_counter()
+            self.update_start = self._now()
 
     def timed(self, phase: str, fn):
         def wrapper(*args, **kwargs):
-            sync()
-            start = time.perf_counter()
+            wall, cpu = self._now()
             out = fn(*args, **kwargs)
-            sync()
-            self.current[phase] += time.perf_counter() - start
+            wall_end, cpu_end = self._now()
+            self.current[phase] += wall_end - wall
+            self.current[f"cpu_{phase}"] += cpu_end - cpu
             return out
 
         return wrapper
 
     def end_iteration(self) -> None:
-        sync()
-        now = time.perf_counter()
-        it = dict(self.current, iteration=now - self.last, update=now - self.update_start)
-        it["other"] = it["iteration"] - it["generation"] - it["scoring"] - it["update"]
+        now = self._now()
+        it = dict(self.current)
+        for prefix, i in (("", 0), ("cpu_", 1)):
+            it[f"{prefix}iteration"] = now[i] - self.last[i]
+            it[f"{prefix}update"] = now[i] - self.update_start[i]
+            it[f"{prefix}other"] = (
+                it[f"{prefix}iteration"] - it[f"{prefix}update"] - sum(it[f"{prefix}{phase}"] for phase in self.PHASES)
+            )
         self.iterations.append({**it, **self.shape})
-        self.last, self.update_start = now, None
-        self.current = {"generation": 0.0, "scoring": 0.0}
+        self.last, self.update_start, self.current = now, None, self._zero()
 
 
 def torch_requirement() -> str:
