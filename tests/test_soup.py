@@ -226,6 +226,13 @@ def test_streamed_reader_and_writer_round_trip_with_safetensors(tmp_path):
         got = reader.get(name)
         assert got.dtype == t.dtype and torch.equal(got, t), name
     reader.close()
+    blob = (tmp_path / "ref.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(blob[:-8])  # the last tensor's bytes are cut short
+    last = max(tensors, key=lambda n: reader.header[n]["data_offsets"][1])
+    cut = SafetensorsReader(tmp_path / "cut.safetensors")
+    with pytest.raises(SoupError, match="truncated"):
+        cut.get(last)
+    cut.close()
 
     specs = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
     write_safetensors_streamed(tmp_path / "ours.safetensors", specs, iter(tensors.values()), {"format": "pt"})

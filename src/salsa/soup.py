@@ -204,7 +204,8 @@ class SafetensorsReader:
         dtype = SAFE_DTYPES[meta["dtype"]]
         raw = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: the read fills it, no zeroing pass
         self._file.seek(self._data_start + begin)
-        self._file.readinto(memoryview(raw.numpy()))
+        if self._file.readinto(memoryview(raw.numpy())) != end - begin:
+            raise SoupError(f"{self._file.name}: tensor {name} runs past the end of the file (truncated?)")
         return raw.view(dtype).reshape(meta["shape"])
 
     def close(self) -> None:
