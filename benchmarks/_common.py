@@ -20,6 +20,7 @@ VENVS = HERE / ".venvs"  # ignored by git
 class Measured:
     returncode: int
     wall_s: float
+    cpu_s: float  # user + system time of the process (and its reaped children)
     peak_rss_bytes: int
     output: str
 
@@ -35,7 +36,8 @@ proc = subprocess.Popen(cmd)
 _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (and its reaped children's)
 proc.returncode = os.waitstatus_to_exitcode(status)
 wall = time.perf_counter() - start
-print("\\n@@measured " + json.dumps({"code": proc.returncode, "wall": wall, "rss": usage.ru_maxrss * 1024}))
+cpu = usage.ru_utime + usage.ru_stime
+print("\\n@@measured " + json.dumps({"code": proc.returncode, "wall": wall, "cpu": cpu, "rss": usage.ru_maxrss * 1024}))
 """
 
 
@@ -50,11 +52,11 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, echo: bool =
     )
     output, _, tail = proc.stdout.rpartition("@@measured ")
     if not tail:
-        return Measured(proc.returncode or 1, 0.0, 0, proc.stdout)
+        return Measured(proc.returncode or 1, 0.0, 0.0, 0, proc.stdout)
     m = json.loads(tail)
     if echo:
         print(output, end="")
-    return Measured(m["code"], m["wall"], m["rss"], output)
+    return Measured(m["code"], m["wall"], m["cpu"], m["rss"], output)
 
 
 def sync() -> None:
