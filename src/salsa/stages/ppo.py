@@ -25,11 +25,11 @@ from salsa.cache import Entry
 from salsa.context import Context, log, plain
 from salsa.functional import (
     AdaptiveKLController,
-    entropy_from_logits,
     gae,
     kl_estimate,
     kl_k1,
     kl_k3,
+    logprobs_and_entropy,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
@@ -163,7 +163,7 @@ class PPOModule(pl.LightningModule):
             for start in range(0, n, size):
                 mb = {k: v[order[start : start + size]] for k, v in batch.items()}
                 logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
-                logp = token_logprobs(logits, mb["response"])
+                logp, token_entropy = logprobs_and_entropy(logits, mb["response"])  # one log-softmax for both
                 values = self.actors.values(mb["sequences"], mb["attention_mask"], prompt_len)
                 pg_loss, pg_stats = ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip)
                 vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], c.value_clip)
@@ -173,7 +173,7 @@ class PPOModule(pl.LightningModule):
                 self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits), mb["mask"])
+                    entropy = masked_mean(token_entropy, mb["mask"])
                 step = {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/entropy": entropy}
                 for k, v in {**step, **pg_stats, **vf_stats}.items():
                     totals.setdefault(k if k.startswith("ppo/") else f"ppo/{k}", []).append(v.detach())
@@ -201,9 +201,7 @@ class PPOModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        params = self.actors.trainable_parameters()
-        # foreach: one multi-tensor kernel per Adam step, not a Python loop over tensors (the CPU default)
-        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, eps=1e-5, foreach=True)
+        return torch.optim.AdamW(self.actors.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay, eps=1e-5)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
