@@ -7,11 +7,12 @@ its own virtual environment (`benchmarks/.venvs/trl`, made on first use with trl
 dependencies stay current.
 
 Per phase (generation; reference, value and reward scoring; the PPO update; everything else) it reports seconds,
-response tokens per second and achieved FLOP/s against this machine's measured fp32 matmul rate; per run, the peak
-resident set size. "Tokens" are the batch's response tokens (batch × response length): the unit both trainers
-turn into training signal. FLOPs are model FLOPs (2 per multiply-accumulate in every linear layer, plus attention
-scores and values; backward = 2 × forward) of the work that must be done, so a trainer that computes more than
-that shows a lower rate.
+response tokens per second and achieved FLOP/s against this machine's measured fp32 matmul rate, and the ours/TRL
+ratio by wall-clock and by CPU time (a process's own, which waiting for a busy machine's cores does not inflate);
+per run, the peak resident set size. "Tokens" are the batch's response tokens (batch × response length): the
+unit both trainers turn into training signal. FLOPs are model FLOPs (2 per multiply-accumulate in every linear
+layer, plus attention scores and values; backward = 2 × forward) of the work that must be done, so a trainer that
+computes more than that shows a lower rate.
 
     python benchmarks/ppo_throughput.py                     # tiny and mid, ours and TRL
     python benchmarks/ppo_throughput.py --sizes tiny --no-trl
