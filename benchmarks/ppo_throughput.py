@@ -130,7 +130,8 @@ def prepare(workdir: Path, size: dict, seed: int = 0) -> dict:
     hf_logging.disable_progress_bar()
     ppo_defaults = OmegaConf.load(ROOT / "conf/ppo/default.yaml")
     ppo_defaults.seed = seed  # the default interpolates the root config's seed
-    config = replace(PPOConfig.from_cfg(ppo_defaults), **size["ppo"])
+    # TRL's PPO loop never clips gradients; a zero max_grad_norm switches our clipping off, so both do the same work
+    config = replace(PPOConfig.from_cfg(ppo_defaults), max_grad_norm=0.0, **size["ppo"])
     data = synthetic_data(
         seed, n_pretrain=2000, n_sft=500, n_sft_val=10, n_pairs=200, n_pairs_val=10, n_eval_prompts=10
     )
