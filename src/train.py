@@ -12,13 +12,14 @@ if str(ROOT / "src") not in sys.path:
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from salsa import cli  # noqa: E402
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from salsa.runner import train
-
-    return train(cfg)
+    return cli.run(cfg)
 
 
 if __name__ == "__main__":
+    cli.check_argv(sys.argv[1:], ROOT / "conf")  # an unknown config option fails in one line, before Hydra
     main()

@@ -16,12 +16,13 @@ CONF = ROOT / "conf"
 os.environ.setdefault("SALSA_ROOT", str(ROOT))
 
 
-def make_cfg(log_dir: Path | str, *overrides: str, debug: bool = True) -> DictConfig:
-    """The composed `train` config with `paths.log_dir` in a temp dir (debug sizes unless debug=False)."""
+def make_cfg(log_dir: Path | str, *overrides: str, debug: bool = True, config_name: str = "train") -> DictConfig:
+    """The composed `train` (or `config_name`) config with `paths.log_dir` in a temp dir (debug sizes unless
+    debug=False)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
-            config_name="train",
+            config_name=config_name,
             overrides=[f"paths.log_dir={log_dir}", *(["debug=default"] if debug else []), *overrides],
             return_hydra_config=True,
         )

@@ -20,9 +20,22 @@ from salsa.tracking import Tracker
 log = logging.getLogger("salsa")
 
 
+# config fields that change how a stage runs but not what it produces: left out of cache keys
+NOT_IN_KEY = ("ckpt_every",)
+
+
 def plain(cfg: Any) -> Any:
-    """A config node as plain JSON-able Python (for cache specs)."""
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    """A config node as plain JSON-able Python for a cache spec, without the fields in NOT_IN_KEY."""
+    if not OmegaConf.is_config(cfg):
+        return cfg
+    out = OmegaConf.to_container(cfg, resolve=True)
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in NOT_IN_KEY}
+        return node
+
+    return strip(out)
 
 
 @dataclass
@@ -62,8 +75,12 @@ class Context:
         return entry
 
     def trainer(self, work: Path, run_id: str | None, **overrides: Any) -> pl.Trainer:
-        """A Lightning Trainer from `cfg.trainer`, writing into the stage's work dir and its MLflow child run."""
+        """A Lightning Trainer from `cfg.trainer`, writing into the stage's work dir and its MLflow child run.
+
+        A stage's own `callbacks` join those of the config (the progress bar) rather than replace them."""
         overrides.setdefault("logger", self.tracker.lightning_logger(run_id))
+        configured = list(hydra.utils.instantiate(self.cfg.trainer.get("callbacks") or []))
+        overrides["callbacks"] = [*configured, *overrides.get("callbacks", [])]
         return hydra.utils.instantiate(self.cfg.trainer, default_root_dir=str(work), **overrides)
 
     @property

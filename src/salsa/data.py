@@ -6,6 +6,7 @@ prompts for PPO and for evaluation, and optionally a gold judge. `data=synthetic
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 from salsa.task.synthetic import Example, Pair, SyntheticTask, gold_reward
 
 IGNORE = -100  # label value ignored by the cross-entropy loss
+log = logging.getLogger("salsa")
 
 
 @dataclass
@@ -72,6 +74,21 @@ def prompt_ids(tokenizer, prompt: str, max_length: int | None = None) -> list[in
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]  # keep the end: the generation prompt must stay
     return ids
+
+
+def report_long_prompts(tokenizer, prompts: Sequence[str], max_length: int, key: str) -> int:
+    """Log how many prompts exceed `max_length` tokens (they are truncated to their last tokens); return the count."""
+    n = sum(len(prompt_ids(tokenizer, p)) > max_length for p in prompts)
+    if n:
+        log.warning(
+            "%d of %d prompts are longer than %s=%d tokens and are truncated to their last %d tokens",
+            n,
+            len(prompts),
+            key,
+            max_length,
+            max_length,
+        )
+    return n
 
 
 def response_ids(tokenizer, response: str, ended: bool = True) -> list[int]:

@@ -67,12 +67,14 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
 
 
 def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     return AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+        str(path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )
 
 

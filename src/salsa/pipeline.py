@@ -21,10 +21,10 @@ from salsa.stages.ppo import run_ppo
 from salsa.stages.rm import run_rm
 from salsa.stages.sft import run_sft
 from salsa.stages.soup import run_soup
+from salsa.validate import STAGES
 
 log = logging.getLogger("salsa")
 
-STAGES = ("base", "sft", "soup", "rm", "ppo", "eval")
 RESULT_KEYS = ("win_rate_vs_sft", "win_rate_vs_ppo", "gold_reward", "rm_reward", "kl_to_ref", "judge")
 
 

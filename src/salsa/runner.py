@@ -13,8 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from salsa import progress
 from salsa.context import Context
 from salsa.pipeline import run, write_results
+from salsa.report import report_job, sweep_tags
 from salsa.tracking import Tracker
 
 log = logging.getLogger("salsa")
@@ -67,15 +69,22 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
-def train(cfg: DictConfig) -> float | None:
+def prepare(cfg: DictConfig) -> None:
+    """Process-wide settings from `cfg.extras`, shared by the entry points."""
     quiet_libraries()
+    progress.set_enabled(cfg.extras.get("progress_bar", True))
     if cfg.extras.get("torch_threads"):
         torch.set_num_threads(int(cfg.extras.torch_threads))
     if cfg.extras.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def train(cfg: DictConfig) -> float | None:
+    prepare(cfg)
     out = output_dir(cfg)
     tracker = Tracker.from_cfg(cfg)
-    tracker.start_parent(f"{cfg.task_name}-{cfg.ref.name}", cfg, tags={"ref": cfg.ref.name, "output_dir": str(out)})
+    tags = {"ref": cfg.ref.name, "output_dir": str(out), **sweep_tags()}
+    tracker.start_parent(f"{cfg.task_name}-{cfg.ref.name}", cfg, tags=tags)
     ctx = Context.from_cfg(cfg, tracker)
     try:
         results = run(cfg, ctx)
@@ -87,6 +96,7 @@ def train(cfg: DictConfig) -> float | None:
     tracker.log_metrics(tracker.parent_id, {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)})
     tracker.log_artifact(tracker.parent_id, path)
     tracker.log_artifact(tracker.parent_id, out / "resolved_config.yaml")
+    report_job(tracker, ctx.entries, out)
     tracker.end_parent("FINISHED")
     Console().print(results_table(results))
     log.info("results written to %s", path)

@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from salsa.errors import SalsaError
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -37,7 +39,7 @@ _CONFIG_NOISE = {
 }
 
 
-class SoupError(ValueError):
+class SoupError(SalsaError, ValueError):
     """Ingredients that cannot be averaged into one model."""
 
 
@@ -272,8 +274,11 @@ def soup_checkpoints(
             raise SoupError(f"non-floating tensor {name} differs between ingredients")
         return first
 
+    from salsa.progress import track  # here, so the soup command line does not load Lightning
+
+    shards = checkpoint_shards(paths[0])
     try:
-        for shard, names in checkpoint_shards(paths[0]).items():
+        for shard, names in track(shards.items(), "[soup] averaging shards", total=len(shards)):
             specs = [(n, indexes[0][n][1], SAFE_DTYPES[indexes[0][n][2]]) for n in names]
             write_safetensors_streamed(out / shard, specs, (souped(n) for n in names), {"format": "pt"})
     finally:
@@ -348,3 +353,33 @@ def soup_lora_adapters(
     cfg.update(r=total_rank, lora_alpha=total_rank, use_rslora=False, lora_dropout=0.0, inference_mode=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: python -m salsa.soup --out DIR [--weights W ...] INGREDIENT INGREDIENT [...]
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> None:
+    """Average Hugging Face checkpoints (or peft LoRA adapters on one base) into a new directory."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m salsa.soup", description=main.__doc__)
+    parser.add_argument("ingredients", nargs="+", help="checkpoint or adapter directories of the same architecture")
+    parser.add_argument("--out", required=True, help="new directory for the soup")
+    parser.add_argument("--weights", type=float, nargs="+", help="one weight per ingredient (normalised); default 1/N")
+    args = parser.parse_args(argv)
+    paths, out = [Path(p) for p in args.ingredients], Path(args.out)
+    try:
+        if out.exists() and any(out.iterdir()):
+            raise SoupError(f"--out {out} exists and is not empty; choose a new directory")
+        lora = all((p / ADAPTER_CONFIG).is_file() for p in paths)
+        weights = (soup_lora_adapters if lora else soup_checkpoints)(paths, out, args.weights)
+    except SoupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    kind = "LoRA adapter" if lora else "checkpoint"
+    print(f"wrote the {kind} soup of {len(paths)} ingredients (weights {[round(w, 4) for w in weights]}) to {out}")
+
+
+if __name__ == "__main__":
+    main()

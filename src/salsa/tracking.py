@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -28,6 +29,15 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _store_lock(tracking_uri: str):
+    """A file lock next to a sqlite store (a no-op for other stores)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return nullcontext()
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock")
+
+
 class Tracker:
     """MLflow when `enabled`, otherwise a no-op with the same interface."""
 
@@ -40,16 +50,15 @@ class Tracker:
             return
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
-            try:
+        # parallel jobs starting on a new sqlite store would race to create its tables and the experiment
+        with _store_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-            except Exception:  # created by a concurrent job in the meantime
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+            else:
+                self.experiment_id = exp.experiment_id
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Tracker:

@@ -45,7 +45,7 @@ def run_base(ctx: Context) -> Entry:
         train = LMDataset.from_documents(tok, docs[n_val:], p.max_length)
         val = LMDataset.from_documents(tok, docs[:n_val], p.max_length)
         log.info("[base] tiny Gemma with %.2fM parameters, vocabulary %d", num_parameters(model) / 1e6, len(tok))
-        fit_lm(ctx, model, train, p, tok.pad_token_id, work, run_id, p.seed)
+        fit_lm(ctx, model, train, p, tok.pad_token_id, work, run_id, p.seed, "base")
         model.save_pretrained(str(work))
         tok.save_pretrained(str(work))
         val_loss = heldout_loss(model, val, tok.pad_token_id)

@@ -15,19 +15,21 @@ import torch
 
 from salsa.cache import Entry
 from salsa.context import Context, log, plain
+from salsa.data import report_long_prompts
 from salsa.functional import adjusted_win_rate, token_logprobs
 from salsa.generation import decode, encode_prompts, sample
 from salsa.models import load_causal_lm, load_reward_model, load_tokenizer, sequence_scores
+from salsa.progress import track
 
 
 @torch.no_grad()
-def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None) -> dict:
+def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None, name: str = "model") -> dict:
     """Sample answers in batches; return texts, ended flags, RM scores and (with a reference) sequence KLs."""
     from salsa.actors import response_logits
 
     torch.manual_seed(e.seed)  # every model sees the same sampling noise
     texts, ended, scores, kls = [], [], [], []
-    for i in range(0, len(prompts), e.batch_size):
+    for i in track(range(0, len(prompts), e.batch_size), f"[eval] {name}: generating"):
         chunk = prompts[i : i + e.batch_size]
         query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length)
         s = sample(model, tokenizer, query, mask, e.response_length, e.temperature, e.do_sample)
@@ -55,6 +57,7 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
         data = ctx.data
         prompts = [p for p in data.prompts_eval for _ in range(e.samples_per_prompt)]
         tok = load_tokenizer(policy.path)
+        report_long_prompts(tok, data.prompts_eval, e.max_prompt_length, "eval.max_prompt_length")
         reward_model = load_reward_model(rm.path).eval()
         ref_model = load_causal_lm(reference.path).eval()
         models = {"policy": policy, "sft": sft0, **({"ppo": baseline} if baseline else {})}
@@ -67,6 +70,7 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
                 e,
                 reward_model,
                 ref_model if name == "policy" else None,
+                name,
             )
             if data.judge is not None:
                 answers[name]["gold"] = [

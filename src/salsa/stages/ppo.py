@@ -13,6 +13,7 @@ One Lightning epoch is one PPO iteration:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from omegaconf import OmegaConf
 from salsa.actors import FullActors
 from salsa.cache import Entry
 from salsa.context import Context, log, plain
+from salsa.data import report_long_prompts
 from salsa.functional import (
     AdaptiveKLController,
     gae,
@@ -38,7 +40,9 @@ from salsa.functional import (
     token_logprobs,
 )
 from salsa.generation import Samples, decode, encode_prompts, sample
+from salsa.guards import check_finite
 from salsa.models import load_causal_lm, load_reward_model, load_tokenizer
+from salsa.training import fit_resumable
 
 
 @dataclass
@@ -65,6 +69,7 @@ class PPOConfig:
     whiten_rewards: bool = False  # whiten shaped rewards before GAE
     missing_eos_penalty: float | None = None  # subtracted from the score of responses that never end
     seed: int = 0  # prompt order, sampling and minibatch order
+    ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
 
     @classmethod
     def from_cfg(cls, node) -> PPOConfig:
@@ -101,6 +106,8 @@ class PPOModule(pl.LightningModule):
         self.actors, self.tokenizer, self.prompts, self.config, self.judge = actors, tokenizer, prompts, config, judge
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
         self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.last_stats: dict[str, float] = {}
         self.save_hyperparameters(asdict(config))
 
     # -- 1-5: rollout ----------------------------------------------------------------------------------------------
@@ -120,6 +127,11 @@ class PPOModule(pl.LightningModule):
         ref_logp = token_logprobs(self.actors.reference_logits(seq, attn, P), s.response, c.temperature) * mask
         values = self.actors.values(seq, attn, P) * mask
         score = self.actors.scores(seq, attn)
+        check_finite(
+            {"policy logprobs": s.logprobs, "reference logprobs": ref_logp, "values": values, "rm score": score},
+            iteration,
+            "iteration",
+        )
         if c.missing_eos_penalty is not None:
             score = score - c.missing_eos_penalty * (~s.ended).float()
 
@@ -177,7 +189,9 @@ class PPOModule(pl.LightningModule):
                 step = {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/entropy": entropy}
                 for k, v in {**step, **pg_stats, **vf_stats}.items():
                     totals.setdefault(k if k.startswith("ppo/") else f"ppo/{k}", []).append(v.detach())
-        return {k: torch.stack(v).mean() for k, v in totals.items()}
+        means = {k: torch.stack(v).mean() for k, v in totals.items()}
+        check_finite({k: means[k] for k in ("ppo/policy_loss", "ppo/value_loss")}, iteration, "iteration")
+        return means
 
     def training_step(self, batch, batch_idx: int) -> None:
         iteration = self.current_epoch
@@ -196,6 +210,9 @@ class PPOModule(pl.LightningModule):
         self.log("step", float(iteration), on_step=True, on_epoch=False)  # MLflow x-axis = PPO iteration
         self.last_stats = {k: float(v) for k, v in stats.items()}
 
+    def on_fit_start(self) -> None:
+        report_long_prompts(self.tokenizer, self.prompts, self.config.max_prompt_length, "ppo.max_prompt_length")
+
     def train_dataloader(self):
         return torch.utils.data.DataLoader(_OneBatch(), batch_size=1)
 
@@ -204,11 +221,15 @@ class PPOModule(pl.LightningModule):
         return torch.optim.AdamW(self.actors.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay, eps=1e-5)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # frozen models (reference, reward, a shared frozen base) are rebuilt from the cache, not checkpointed
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
+        checkpoint["last_stats"] = getattr(self, "last_stats", {})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "kl_controller" in checkpoint:
-            self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+        self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+        self.last_stats = checkpoint.get("last_stats", {})
 
 
 def build_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullActors:
@@ -235,10 +256,16 @@ def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_n
         actors = build_actors(policy_init, reference, rm)
         module = PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge)
         ctx.tracker.set_tags(run_id, {"ref": ref_name, "reference_key": reference.key, "policy_init": policy_init.key})
-        trainer = ctx.trainer(
-            work, run_id, max_epochs=config.iterations, use_distributed_sampler=False, log_every_n_steps=1
+        fit_resumable(
+            partial(ctx.trainer, work, run_id),
+            module,
+            work,
+            f"ppo {ref_name}",
+            config.iterations,
+            config.ckpt_every,
+            use_distributed_sampler=False,
+            log_every_n_steps=1,
         )
-        trainer.fit(module)
         actors.save_policy(work)
         tok.save_pretrained(str(work))
         final = module.last_stats

@@ -14,8 +14,11 @@ from salsa.cache import Entry
 from salsa.context import Context, log, plain
 from salsa.data import pad_right, prompt_ids, response_ids
 from salsa.functional import bradley_terry_loss, warmup_cosine
+from salsa.guards import check_finite
 from salsa.models import load_reward_model, load_tokenizer, sequence_scores
+from salsa.stages.sft import planned_loader
 from salsa.task.synthetic import Pair
+from salsa.training import fit_resumable, step_seed
 
 
 class PairDataset(Dataset):
@@ -58,6 +61,7 @@ class RewardModule(pl.LightningModule):
         warmup_steps: int = 0,
         total_steps: int = 1,
         center_coef: float = 0.0,
+        seed: int = 0,
     ):
         super().__init__()
         self.model = model
@@ -69,9 +73,13 @@ class RewardModule(pl.LightningModule):
         scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
         return scores.chunk(2)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         r_chosen, r_rejected = self(batch)
         loss = bradley_terry_loss(r_chosen, r_rejected, self.hparams.center_coef)
+        check_finite({"rm/score": torch.cat([r_chosen, r_rejected]), "train/loss": loss}, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (r_chosen > r_rejected).float().mean())
         return loss
@@ -111,17 +119,20 @@ def run_rm(ctx: Context, base: Entry) -> Entry:
         train = PairDataset(tok, ctx.data.pairs_train, r.max_prompt_length, r.max_response_length)
         val = PairDataset(tok, ctx.data.pairs_val, r.max_prompt_length, r.max_response_length)
         collate = partial(pair_batch, pad_id=tok.pad_token_id)
-        loader = DataLoader(
-            train,
-            batch_size=r.batch_size,
-            shuffle=True,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(r.seed),
-        )
+        loader = planned_loader(train, r, collate, r.seed)
         val_loader = DataLoader(val, batch_size=r.val_batch_size, collate_fn=collate)
-        module = RewardModule(model, r.lr, r.weight_decay, r.warmup_steps, len(loader) * r.epochs, r.center_coef)
-        trainer = ctx.trainer(work, run_id, max_epochs=r.epochs, limit_val_batches=0)
-        trainer.fit(module, loader)
+        total = len(loader.batch_sampler.plan)
+        module = RewardModule(model, r.lr, r.weight_decay, r.warmup_steps, total, r.center_coef, seed=r.seed)
+        fit_resumable(
+            partial(ctx.trainer, work, run_id),
+            module,
+            work,
+            "rm",
+            loader.batch_sampler.num_chunks,
+            train_dataloaders=loader,
+            use_distributed_sampler=False,
+            limit_val_batches=0,
+        )
         metrics = ctx.trainer(work, run_id, logger=False).validate(module, val_loader, verbose=False)[0]
         metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
         model.save_pretrained(str(work))

@@ -17,7 +17,9 @@ from salsa.cache import Entry
 from salsa.context import Context, log, plain
 from salsa.data import LMDataset, lm_batch
 from salsa.functional import lm_token_nll, warmup_cosine
+from salsa.guards import check_finite
 from salsa.models import load_causal_lm, load_tokenizer
+from salsa.training import PlanSampler, batch_plan, fit_resumable, step_seed
 
 
 class SFTModule(pl.LightningModule):
@@ -31,15 +33,20 @@ class SFTModule(pl.LightningModule):
         warmup_steps: int = 0,
         total_steps: int = 1,
         min_lr_ratio: float = 0.1,
+        seed: int = 0,
     ):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))  # dropout: resumable
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll, n = lm_token_nll(logits, batch["labels"])
         loss = nll / n.clamp(min=1)
+        check_finite({"train/loss": loss}, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -58,21 +65,30 @@ class SFTModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def fit_lm(ctx: Context, model, dataset: LMDataset, hp, pad_id: int, work: Path, run_id: str | None, seed: int):
-    """Train `model` on `dataset` with SFTModule; `hp` holds batch_size, epochs, lr, weight_decay, warmup_steps."""
+def planned_loader(dataset, hp, collate, seed: int) -> DataLoader:
+    """`hp.epochs` seeded passes over `dataset` in batches of `hp.batch_size`, `hp.ckpt_every` batches per epoch."""
+    plan = batch_plan(len(dataset), hp.batch_size, hp.epochs, seed)
+    return DataLoader(dataset, batch_sampler=PlanSampler(plan, hp.ckpt_every), collate_fn=collate)
+
+
+def fit_lm(
+    ctx: Context, model, dataset: LMDataset, hp, pad_id: int, work: Path, run_id: str | None, seed: int, stage: str
+):
+    """Train `model` on `dataset` with SFTModule, resumably; `hp` holds batch_size, epochs, lr, weight_decay,
+    warmup_steps and ckpt_every."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    loader = DataLoader(
-        dataset,
-        batch_size=hp.batch_size,
-        shuffle=True,
-        collate_fn=partial(lm_batch, pad_id=pad_id),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    total = len(loader) * hp.epochs
+    loader = planned_loader(dataset, hp, partial(lm_batch, pad_id=pad_id), seed)
     model.train()  # from_pretrained returns eval mode; dropout must be on for training
-    module = SFTModule(model, hp.lr, hp.weight_decay, hp.warmup_steps, total)
-    trainer = ctx.trainer(work, run_id, max_epochs=hp.epochs)
-    trainer.fit(module, loader)
+    module = SFTModule(model, hp.lr, hp.weight_decay, hp.warmup_steps, len(loader.batch_sampler.plan), seed=seed)
+    fit_resumable(
+        partial(ctx.trainer, work, run_id),
+        module,
+        work,
+        stage,
+        loader.batch_sampler.num_chunks,
+        train_dataloaders=loader,
+        use_distributed_sampler=False,
+    )
     return module
 
 
@@ -110,7 +126,7 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
         model = load_causal_lm(base.path)
         model.config.attention_dropout = s.attention_dropout  # dropout is one of the seeds' sources of diversity
         train = LMDataset.from_examples(tok, ctx.data.sft_train, s.max_prompt_length, s.max_response_length)
-        fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed)
+        fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed, f"sft {index}")
         model.save_pretrained(str(work))
         tok.save_pretrained(str(work))
         val_loss = heldout_loss(model, sft_val_dataset(ctx, tok), tok.pad_token_id)

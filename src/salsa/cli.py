@@ -1,0 +1,63 @@
+"""What `src/train.py` does around Hydra: one-line errors for things a user can fix, before anything heavy loads."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from salsa.errors import ConfigError, SalsaError
+
+
+def unknown_group_option(argv: Sequence[str], conf_dir: Path) -> str | None:
+    """The first `group=option` override naming an option that has no `conf/<group>/<option>.yaml`, as a message."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        group = conf_dir / key
+        if "." in key or "/" in key or not group.is_dir() or "(" in value:
+            continue  # a value override, a plugin group (hydra/launcher=...), or a sweep function
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options and choice != "null":
+                return f"{key}={choice} is not an option; {key} is one of: {', '.join(options)}"
+    return None
+
+
+def wants_traceback(cfg: DictConfig | None = None) -> bool:
+    flag = os.environ.get("SALSA_TRACEBACK", "").lower() in ("1", "true", "yes")
+    return flag or bool(cfg is not None and cfg.get("extras") and cfg.extras.get("traceback"))
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_argv(argv: Sequence[str], conf_dir: Path) -> None:
+    message = unknown_group_option(argv, conf_dir)
+    if message:
+        fail(message)
+
+
+def run(cfg: DictConfig, job: Callable[[DictConfig], Any] | None = None) -> Any:
+    """Validate, then run `job` (default: the pipeline); a SalsaError becomes one line on stderr and a non-zero exit."""
+    try:
+        from salsa.validate import validate
+
+        validate(cfg)
+        if job is None:
+            from salsa.runner import train as job
+
+        return job(cfg)
+    except SalsaError as e:
+        if wants_traceback(cfg):
+            raise
+        fail(str(e), 2 if isinstance(e, ConfigError) else 1)
+    return None

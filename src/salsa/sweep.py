@@ -1,0 +1,67 @@
+"""Tables of a sweep's runs: one row per pipeline run, read from a sweep directory or from MLflow.
+
+Both sources give the same columns — `ref`, `kl_coef` and the results (`win_rate_vs_sft`, `kl_to_ref`, ...) — so
+the frontier plot and the win-rate table work on either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+SETTING = ["ref", "kl_coef"]  # what a `kl_coef × ref` sweep varies
+
+
+def job_results(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per finished job of a Hydra sweep dir (`<n>/results.json` next to `<n>/resolved_config.yaml`)."""
+    rows = []
+    for results_file in sorted(Path(sweep_dir).glob("*/results.json")):
+        config_file = results_file.with_name("resolved_config.yaml")
+        if not config_file.is_file():
+            continue
+        cfg = OmegaConf.load(config_file)
+        results = json.loads(results_file.read_text())
+        row = {"job": results_file.parent.name, "ref": cfg.ref.name, "kl_coef": float(cfg.ppo.kl_coef)}
+        row.update({k: v for k, v in results.items() if k not in row and not isinstance(v, dict | list)})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["job", *SETTING])
+
+
+def mlflow_results(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per pipeline run from `mlflow.search_runs` output: parent runs that logged `eval/` metrics.
+
+    Stage child runs, sweep summaries and landscape runs are left out; metric columns lose their `metrics.eval/`
+    prefix. Rows are in start order (oldest first).
+    """
+    columns = ["run_id", "start_time", "sweep", *SETTING]
+    if runs.empty or "metrics.eval/win_rate_vs_sft" not in runs:
+        return pd.DataFrame(columns=columns)
+    parent = runs["tags.mlflow.parentRunId"].isna() if "tags.mlflow.parentRunId" in runs else True
+    jobs = runs[parent & runs["metrics.eval/win_rate_vs_sft"].notna()].sort_values("start_time")
+    out = pd.DataFrame(
+        {
+            "run_id": jobs["run_id"],
+            "start_time": jobs["start_time"],
+            "sweep": jobs.get("tags.sweep"),
+            "ref": jobs["params.ref.name"],
+            "kl_coef": jobs["params.ppo.kl_coef"].astype(float),
+        }
+    )
+    for col in jobs.columns:
+        if col.startswith("metrics.eval/"):
+            out[col.removeprefix("metrics.eval/")] = jobs[col]
+    return out.reset_index(drop=True)
+
+
+def latest_per_setting(jobs: pd.DataFrame) -> pd.DataFrame:
+    """The last row of each (ref, kl_coef): a rerun of a setting replaces the earlier one."""
+    return jobs.drop_duplicates(subset=SETTING, keep="last").reset_index(drop=True)
+
+
+def win_rate_table(jobs: pd.DataFrame, metric: str = "win_rate_vs_sft") -> pd.DataFrame:
+    """`metric` with one row per `ref` and one column per `kl_coef` (the last run of each setting)."""
+    latest = latest_per_setting(jobs)
+    return latest.pivot(index="ref", columns="kl_coef", values=metric).sort_index().sort_index(axis=1)

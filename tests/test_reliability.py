@@ -1,0 +1,317 @@
+"""Reliability: resume after kill -9, concurrent jobs on one cache, one-line rejection of bad input, NaN guard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from salsa.actors import FullActors
+from salsa.cache import StageCache
+from salsa.guards import NonFiniteError
+from salsa.runner import train
+from tests.conftest import ROOT, make_cfg
+
+pytestmark = pytest.mark.slow
+TRAIN = [sys.executable, str(ROOT / "src" / "train.py")]
+
+
+def _run(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=300, **kw)
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under the cache with a hash of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """A log dir whose cache holds base, SFT ingredients, soup and RM at debug sizes (built once here)."""
+    log_dir = tmp_path_factory.mktemp("upstream")
+    r = _run([*TRAIN, "debug=default", f"paths.log_dir={log_dir}", "stage=rm"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return log_dir
+
+
+def _copy_cache(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "cache", dst / "cache", ignore=shutil.ignore_patterns("*.lock"))
+    return dst
+
+
+def _ppo_manifest(log_dir: Path) -> dict:
+    (found,) = list((log_dir / "cache" / "ppo").glob("*/manifest.json"))
+    return json.loads(found.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------------------------
+PPO_ARGS = ["debug=default", "stage=ppo", "ref=sft", "logger=none", "ppo.iterations=14", "ppo.ckpt_every=1"]
+
+
+def test_kill_mid_ppo_then_rerun_resumes_to_the_same_result(upstream, tmp_path):
+    straight = _copy_cache(upstream, tmp_path / "straight")
+    r = _run([*TRAIN, *PPO_ARGS, f"paths.log_dir={straight}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = _ppo_manifest(straight)["metrics"]
+
+    killed = _copy_cache(upstream, tmp_path / "killed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [*TRAIN, *PPO_ARGS, f"paths.log_dir={killed}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    ckpt = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((killed / "cache" / "ppo").glob("*.partial/checkpoints/last.ckpt"))
+        if found and torch.load(found[0], weights_only=True, mmap=True)["epoch"] >= 2:  # a few iterations in
+            ckpt = found[0]
+            break
+        time.sleep(0.05)
+    assert ckpt is not None, "PPO finished or failed before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((killed / "cache" / "ppo").glob("*/manifest.json"))  # nothing published by the killed run
+
+    r = _run([*TRAIN, *PPO_ARGS, f"paths.log_dir={killed}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stderr + r.stdout
+    got = _ppo_manifest(killed)["metrics"]
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, abs=1e-4), k
+    # only PPO was trained by the rerun: the upstream stages were reused, and each stage was built once
+    keys = [b["key"] for b in StageCache(killed / "cache").builds()]
+    assert len(keys) == len(set(keys))
+    assert not list((killed / "cache" / "ppo").glob("*/checkpoints"))  # checkpoints are not kept once published
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """An SFT build that dies after its first checkpoint resumes from it and ends with the same weights."""
+    from safetensors.torch import load_file
+
+    from salsa import training
+    from salsa.context import Context
+    from salsa.pipeline import run
+
+    args = ("stage=sft", "ref=sft", "sft.ckpt_every=1", "sft.epochs=2")
+    cfg = make_cfg(tmp_path / "straight", *args)
+    run(cfg, Context.from_cfg(cfg))
+
+    original = training.AtomicLastCheckpoint.on_train_epoch_end
+
+    def dies_after_second_checkpoint(self, trainer, module):
+        original(self, trainer, module)
+        if trainer.current_epoch == 1 and "sft" in str(self.dirpath.parent.parent):
+            raise Stopped  # as if the process died here
+
+    cfg2 = make_cfg(tmp_path / "resumed", *args)
+    monkeypatch.setattr(training.AtomicLastCheckpoint, "on_train_epoch_end", dies_after_second_checkpoint)
+    with pytest.raises(Stopped):
+        run(cfg2, Context.from_cfg(cfg2))
+    monkeypatch.setattr(training.AtomicLastCheckpoint, "on_train_epoch_end", original)
+    assert list((tmp_path / "resumed" / "cache" / "sft").glob("*.partial/checkpoints/last.ckpt"))
+    run(cfg2, Context.from_cfg(cfg2))
+
+    a = load_file(next((tmp_path / "straight" / "cache" / "sft").glob("*/model.safetensors")))
+    b = load_file(next((tmp_path / "resumed" / "cache" / "sft").glob("*/model.safetensors")))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Concurrency
+# ---------------------------------------------------------------------------------------------------------------
+def test_four_jobs_at_once_on_a_cold_cache(tmp_path):
+    """Overlapping needs (base, SFT ingredients, RM, the PPO baseline): each stage is built exactly once."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                *TRAIN,
+                "debug=default",
+                "logger=mlflow",
+                "extras.torch_threads=1",  # four jobs share two cores
+                f"paths.log_dir={tmp_path}",
+                f"ref={ref}",
+                f"hydra.run.dir={tmp_path}/run-{ref}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for ref in ("soup3", "sft", "soup2", "other")
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    builds = StageCache(tmp_path / "cache").builds()
+    keys = [b["key"] for b in builds]
+    assert len(keys) == len(set(keys)), "a stage was built twice"
+    stages = [b["stage"] for b in builds]
+    assert stages.count("base") == 1 and stages.count("rm") == 1 and stages.count("sft") == 3
+    assert stages.count("soup") == 2 and stages.count("ppo") == 4 and stages.count("eval") == 4
+    for ref in ("soup3", "sft", "soup2", "other"):
+        assert json.loads((tmp_path / f"run-{ref}" / "results.json").read_text())["ref"] == ref
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("salsa").experiment_id])
+    assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 4
+
+
+def test_lock_of_a_killed_process_does_not_block(tmp_path):
+    lock = tmp_path / "sft" / "abc.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from filelock import FileLock; import time; l = FileLock({str(lock)!r}); "
+            "l.acquire(); print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    cache = StageCache(tmp_path, lock_timeout=20)
+    started = time.time()
+    entry = cache.get_or_build("sft", {"any": 1}, lambda work: {"ok": True})
+    assert entry.manifest["ok"] and time.time() - started < 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, no traceback, fast, cache untouched
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Checkpoint directories that are wrong in one way each (and a good one to pair with)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    root = tmp_path_factory.mktemp("checkpoints")
+
+    def model(path: Path, hidden: int = 32) -> Path:
+        torch.manual_seed(0)
+        GemmaForCausalLM(
+            GemmaConfig(
+                vocab_size=64,
+                hidden_size=hidden,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+            )
+        ).save_pretrained(path)
+        return path
+
+    out = {"good": model(root / "good"), "wide": model(root / "wide", 48)}
+    out["missing"] = model(root / "missing")
+    (out["missing"] / "model.safetensors").unlink()
+    out["truncated"] = model(root / "truncated")
+    blob = (out["truncated"] / "model.safetensors").read_bytes()
+    (out["truncated"] / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    out["pickle"] = model(root / "pickle")
+    (out["pickle"] / "model.safetensors").rename(out["pickle"] / "pytorch_model.bin")
+    return out
+
+
+BAD_INPUTS = {
+    # case: (arguments after the entry point, text the one-line error must contain)
+    "negative kl_coef": (["ppo.kl_coef=-0.1"], "ppo.kl_coef"),
+    "nan kl_coef": (["ppo.kl_coef=nan"], "ppo.kl_coef"),
+    "unknown ref": (["ref=nope"], "ref=nope is not an option"),
+    "unknown model": (["model=nope"], "model=nope is not an option"),
+    "unknown data": (["data=nope"], "data=nope is not an option"),
+    "soup of one": (["ref=soup3", "ref.ingredients=[1]"], "ref.ingredients"),
+    "weights without positive sum": (["soup=weighted", "soup.weights=[1,-1,0]"], "soup.weights"),
+    "zero response length": (["ppo.response_length=0"], "ppo.response_length"),
+    "batch not divisible": (["ppo.batch_size=10", "ppo.num_minibatches=3"], "ppo.num_minibatches"),
+    "missing model dir": (["model.name_or_path=/no/such/dir"], "model.name_or_path"),
+    "hub id not available offline": (["model.name_or_path=nobody/no-such-model"], "model.name_or_path"),
+    "missing safetensors": (["model.name_or_path={missing}"], "no safetensors weights"),
+    "truncated safetensors": (["model.name_or_path={truncated}"], "truncated safetensors"),
+    "pickle weights": (["model.name_or_path={pickle}"], "pickle weights are not loaded"),
+    "different architectures": (
+        [["-m", "salsa.soup", "{good}", "{wide}", "--out", "{root}/soup"]],
+        "differ in architecture",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_rejected_in_one_line(case, upstream, bad_checkpoints, tmp_path):
+    args, expected = BAD_INPUTS[case]
+    files = {k: str(v) for k, v in bad_checkpoints.items()} | {"root": str(tmp_path)}
+    before = _snapshot(upstream / "cache")
+    if isinstance(args[0], list):  # a command other than the training entry point
+        cmd = [sys.executable, *(a.format(**files) for a in args[0])]
+    else:
+        cmd = [*TRAIN, "debug=default", f"paths.log_dir={upstream}", *(a.format(**files) for a in args)]
+    started = time.time()
+    r = _run(cmd, cwd=str(ROOT))
+    assert time.time() - started < 30
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr + r.stdout
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
+    assert _snapshot(upstream / "cache") == before
+
+
+def test_long_prompts_are_truncated_with_a_count(upstream, tmp_path):
+    log_dir = _copy_cache(upstream, tmp_path)
+    r = _run([*TRAIN, "debug=default", f"paths.log_dir={log_dir}", "stage=ppo", "ppo.max_prompt_length=4"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "prompts are longer than ppo.max_prompt_length=4 tokens and are truncated" in r.stdout + r.stderr
+
+
+def test_traceback_on_request(upstream):
+    r = _run([*TRAIN, "debug=default", f"paths.log_dir={upstream}", "ppo.kl_coef=-1"], env={"SALSA_TRACEBACK": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite guard
+# ---------------------------------------------------------------------------------------------------------------
+def test_nan_reward_stops_ppo_keeps_checkpoint_and_fails_the_runs(upstream, tmp_path, monkeypatch):
+    log_dir = _copy_cache(upstream, tmp_path)
+    calls = {"n": 0}
+    original = FullActors.scores
+
+    def scores(self, sequences, attention_mask):
+        calls["n"] += 1
+        out = original(self, sequences, attention_mask)
+        return out * float("nan") if calls["n"] >= 3 else out  # the third rollout (iteration 2) goes NaN
+
+    monkeypatch.setattr(FullActors, "scores", scores)
+    cfg = make_cfg(log_dir, "logger=mlflow", "ref=sft", "ppo.iterations=5", "ppo.ckpt_every=1")
+    with pytest.raises(NonFiniteError, match="rm score at iteration 2"):
+        train(cfg)
+    (ckpt,) = (log_dir / "cache" / "ppo").glob("*.partial/checkpoints/last.ckpt")
+    assert torch.load(ckpt, weights_only=True, mmap=True)["epoch"] == 1  # iterations 0 and 1 are kept
+    assert not list((log_dir / "cache" / "ppo").glob("*/manifest.json"))
+    client = MlflowClient(cfg.logger.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.logger.experiment_name).experiment_id])
+    status = {r.data.tags.get("stage", "parent"): r.info.status for r in runs}
+    assert status["ppo"] == "FAILED" and status["parent"] == "FAILED"

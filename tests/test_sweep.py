@@ -1,0 +1,105 @@
+"""A 4-job sweep (ref × kl_coef) through the real entry point, two jobs at a time (joblib) on one stage cache, and a
+landscape on the same cache: MLflow runs, each SFT ingredient trained once, the plots, and the comparison notebook."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from nbclient import NotebookClient
+
+from salsa.cache import StageCache
+from salsa.landscape import landscape_job
+from tests.conftest import ROOT, make_cfg
+from tests.test_plots import informative_png
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["debug=default", "logger=mlflow", "extras.torch_threads=1"]  # one thread per job: two jobs share 2 cores
+
+
+def entry_point(script: str, *overrides: str, multirun: bool = False) -> None:
+    cmd = [sys.executable, str(ROOT / "src" / script), *(["-m"] if multirun else []), *SMALL, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> Path:
+    log_dir = tmp_path_factory.mktemp("sweep_logs")
+    entry_point(
+        "train.py", "ppo.kl_coef=0.01,0.2", "ref=sft,soup3", f"paths.log_dir={log_dir}",
+        f"hydra.sweep.dir={log_dir}/multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", multirun=True,
+    )  # fmt: skip
+    # in this process: the landscape's own entry point is checked in test_landscape.py, and a third process
+    # would spend most of its time importing
+    threads = torch.get_num_threads()
+    try:
+        landscape_job(
+            make_cfg(log_dir, *SMALL[1:], "landscape.steps=3", "landscape.n_prompts=4", config_name="landscape")
+        )
+    finally:
+        torch.set_num_threads(threads)  # extras.torch_threads=1 set it for this whole process
+    return log_dir
+
+
+def test_sweep_runs_and_ingredients_trained_once(logs):
+    client = MlflowClient(tracking_uri=f"sqlite:///{logs}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("salsa").experiment_id])
+    jobs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "eval/win_rate_vs_sft" in r.data.metrics]
+    assert len(jobs) == 4
+    assert sorted((r.data.params["ref.name"], float(r.data.params["ppo.kl_coef"])) for r in jobs) == [
+        ("sft", 0.01), ("sft", 0.2), ("soup3", 0.01), ("soup3", 0.2),
+    ]  # fmt: skip
+    for r in jobs:
+        assert 0.0 <= r.data.metrics["eval/win_rate_vs_sft"] <= 1.0 and "eval/kl_to_ref" in r.data.metrics
+        assert r.data.tags["sweep"] == str((logs / "multirun").resolve())
+        assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"generations.csv", "results.json", "plots"}
+
+    # the cache's build log: every stage built once (the landscape reuses the sweep's ingredients, soup and RM)
+    builds = StageCache(logs / "cache").builds()
+    keys = [(b["stage"], b["key"]) for b in builds]
+    assert len(keys) == len(set(keys))
+    counts = {s: sum(1 for b in builds if b["stage"] == s) for s in ("base", "sft", "soup", "rm", "ppo", "landscape")}
+    assert counts == {"base": 1, "sft": 3, "soup": 1, "rm": 1, "ppo": 4, "landscape": 1}
+    # MLflow agrees: 3 SFT child runs in all; in each job every ingredient it needs was built there or tagged reused
+    sft_runs = [r for r in runs if r.data.tags.get("stage") == "sft"]
+    assert len(sft_runs) == 3
+    for r in jobs:
+        built = sum(1 for c in sft_runs if c.data.tags["mlflow.parentRunId"] == r.info.run_id)
+        reused = sum(1 for k in r.data.tags if k.startswith("reused.sft."))
+        assert built + reused == {"sft": 1, "soup3": 3}[r.data.params["ref.name"]]
+
+
+def test_plots_exist_and_are_images(logs):
+    sweep_dir = logs / "multirun"
+    assert informative_png(sweep_dir / "frontier.png")
+    for n in range(4):
+        assert informative_png(sweep_dir / str(n) / "ppo_curves.png")
+    assert informative_png(logs / "out" / "landscape.png")
+    win_rates = (sweep_dir / "win_rates.csv").read_text().splitlines()
+    assert win_rates[0] == "ref,0.01,0.2" and [line.split(",")[0] for line in win_rates[1:]] == ["sft", "soup3"]
+    land = json.loads((logs / "out" / "landscape.json").read_text())
+    assert land["marks"]["soup"] == pytest.approx([1 / 3, 1 / 3], abs=1e-4)  # the uniform soup of the three
+    assert len(land["grids"]["gold_reward"]) == 3 and len(land["grids"]["gold_reward"][0]) == 3
+
+
+def test_compare_runs_notebook(logs, monkeypatch):
+    notebook = ROOT / "notebooks" / "compare_runs.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored without outputs
+    monkeypatch.setenv("SALSA_LOG_DIR", str(logs))
+    monkeypatch.setenv("SALSA_SWEEP", str(logs / "multirun"))  # only this sweep's runs (all of them, here)
+    resources = {"metadata": {"path": str(notebook.parent)}}  # run from notebooks/, as Jupyter would
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources=resources).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "4 pipeline runs" in text and "mean reward at the marked models" in text
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any("win rate vs SFT" in h for h in html)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the frontier and the landscape
