@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -73,7 +72,7 @@ def main() -> None:
     reward = AutoModelForSequenceClassification.from_pretrained(args.workdir / "reward", num_labels=1)
 
     config = PPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-ppo-"),
+        output_dir=str(args.workdir / "trl-output"),  # inside the benchmark's temp dir, removed with it
         # one rollout of `batch_size` prompts; one optimizer step per minibatch, no gradient accumulation
         per_device_train_batch_size=s["batch_size"],
         gradient_accumulation_steps=1,
