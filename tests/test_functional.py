@@ -15,6 +15,7 @@ from salsa.functional import (
     kl_k1,
     kl_k3,
     lm_token_nll,
+    logprobs_and_entropy,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
@@ -61,6 +62,21 @@ def test_token_logprobs_and_entropy():
     two = torch.tensor([[[0.0, math.log(3.0)]]])
     p = 1 / (1 + math.sqrt(3))
     assert token_logprobs(two, torch.tensor([[0]]), temperature=2.0).item() == pytest.approx(math.log(p))
+
+
+def test_logprobs_and_entropy_from_one_log_softmax():
+    # the hand case above: probabilities [0.5, 0.25, 0.25] and [0.1, 0.1, 0.8]
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]])).requires_grad_()
+    lp, ent = logprobs_and_entropy(logits, torch.tensor([[1, 2]]))
+    torch.testing.assert_close(lp, torch.log(torch.tensor([[0.25, 0.8]])))
+    h = [-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)), -(0.2 * math.log(0.1) + 0.8 * math.log(0.8))]
+    torch.testing.assert_close(ent, torch.tensor([h]))
+    assert lp.requires_grad and not ent.requires_grad  # the entropy is a statistic, not part of the loss
+    # and it agrees with the two separate functions at a temperature
+    x, t = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    lp2, ent2 = logprobs_and_entropy(x, t, temperature=0.7)
+    torch.testing.assert_close(lp2, token_logprobs(x, t, 0.7))
+    torch.testing.assert_close(ent2, entropy_from_logits(x, 0.7))
 
 
 def test_lm_token_nll_counts_only_labels():

@@ -8,6 +8,7 @@ from salsa.generation import decode, encode_prompts, response_mask, sample
 from salsa.models import (
     last_index,
     load_reward_model,
+    position_ids_from_mask,
     sequence_scores,
     tiny_gemma,
     train_word_tokenizer,
@@ -78,3 +79,16 @@ def test_sequence_scores_do_not_depend_on_padding(tmp_path):
         c = sequence_scores(rm, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
     torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
+
+
+def test_response_logits_equal_the_full_forward_pass_sliced(tmp_path):
+    """Keeping only the response positions' logits (no LM head over the prompt) changes no number."""
+    tok, model = _tiny(tmp_path)
+    seq = torch.randint(6, len(tok), (3, 9))
+    mask = torch.ones_like(seq)
+    mask[0, :2] = 0  # left padding
+    with torch.no_grad():
+        full = model(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        got = response_logits(model, seq, mask, prompt_len=4)
+    assert got.shape == (3, 5, len(tok))
+    torch.testing.assert_close(got, full[:, 3:-1], rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GemmaConfig, GemmaForCausalLM
 
 from salsa.soup import (
+    SafetensorsReader,
     SoupError,
     average_tensors,
     concat_lora,
@@ -17,6 +18,7 @@ from salsa.soup import (
     normalize_weights,
     soup_checkpoints,
     soup_lora_adapters,
+    write_safetensors_streamed,
 )
 
 
@@ -61,6 +63,7 @@ def test_normalize_weights():
 def test_average_tensors_hand_case():
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
     assert torch.equal(average_tensors([a, b], [0.5, 0.5]), torch.tensor([2.0, 4.0]))
+    assert torch.equal(average_tensors(iter([a, b]), [0.5, 0.5]), torch.tensor([2.0, 4.0]))  # streamed
     assert torch.equal(average_tensors([a, b], [0.75, 0.25]), torch.tensor([1.5, 3.0]))
     half = average_tensors([a.bfloat16(), b.bfloat16()], [0.5, 0.5])
     assert half.dtype == torch.bfloat16
@@ -199,3 +202,57 @@ def test_greedy_soup_keeps_only_improving_ingredients():
     # ranked a(1.0) c(1.5) b(2.0) d(3.0): c rejected, b accepted (0.7), d accepted (2.0 - 1.6 = 0.4)
     assert chosen == ["a", "b", "d"]
     assert history == pytest.approx([1.0, 0.7, 0.4])
+
+
+def _mixed_tensors():
+    torch.manual_seed(0)
+    return {
+        "w.f32": torch.randn(3, 5),
+        "w.bf16": torch.randn(4, 2).bfloat16(),
+        "w.f16": torch.randn(7).half(),
+        "w.f64": torch.randn(2, 2, 2).double(),
+        "ids.i64": torch.arange(6).reshape(2, 3),
+        "flag.bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def test_streamed_reader_and_writer_round_trip_with_safetensors(tmp_path):
+    tensors = _mixed_tensors()
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    reader = SafetensorsReader(tmp_path / "ref.safetensors")
+    for name, t in tensors.items():
+        got = reader.get(name)
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+    reader.close()
+    blob = (tmp_path / "ref.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(blob[:-8])  # the last tensor's bytes are cut short
+    last = max(tensors, key=lambda n: reader.header[n]["data_offsets"][1])
+    cut = SafetensorsReader(tmp_path / "cut.safetensors")
+    with pytest.raises(SoupError, match="truncated"):
+        cut.get(last)
+    cut.close()
+
+    specs = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    write_safetensors_streamed(tmp_path / "ours.safetensors", specs, iter(tensors.values()), {"format": "pt"})
+    back = load_file(tmp_path / "ours.safetensors")
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    header_len = int.from_bytes((tmp_path / "ours.safetensors").read_bytes()[:8], "little")
+    assert header_len % 8 == 0
+    with pytest.raises(ValueError, match="expected"):
+        write_safetensors_streamed(tmp_path / "bad.safetensors", specs[:1], [torch.zeros(2)])
+
+
+def test_full_soup_of_differently_sharded_ingredients(tmp_path):
+    """Each ingredient is read from its own shard of each tensor; the output keeps the first one's sharding."""
+    paths = [_checkpoint(tmp_path / "m0", 0, shard="40KB"), _checkpoint(tmp_path / "m1", 1)]
+    soup_checkpoints(paths, tmp_path / "soup")
+    states = [_state(p) for p in paths]
+    soup = _state(tmp_path / "soup")
+    out_files = sorted(f.name for f in (tmp_path / "soup").glob("*.safetensors"))
+    assert out_files == sorted(f.name for f in paths[0].glob("*.safetensors")) and len(out_files) > 1
+    for name, t in soup.items():
+        torch.testing.assert_close(t.double(), (states[0][name].double() + states[1][name].double()) / 2)

@@ -13,11 +13,19 @@ from salsa.models import position_ids_from_mask, scalar_head_outputs, sequence_s
 
 
 def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits that predict the response tokens: positions prompt_len-1 .. T-2 of the full sequence."""
+    """Logits that predict the response tokens: positions prompt_len-1 .. T-2 of the full sequence.
+
+    Only the last T - prompt_len + 1 positions go through the LM head (`logits_to_keep`): the prompt's logits are
+    never used, and over a large vocabulary the LM head is one of the model's largest matmuls.
+    """
+    keep = sequences.size(1) - prompt_len + 1
     logits = model(
-        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=keep,
     ).logits
-    return logits[:, prompt_len - 1 : -1]
+    return logits[:, :-1]
 
 
 def freeze(model: nn.Module) -> nn.Module:

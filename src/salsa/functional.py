@@ -58,6 +58,18 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
+def logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` and `entropy_from_logits` from one log-softmax, for callers that need both from the same
+    logits (the PPO update). The entropy is a statistic: it carries no gradient."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return chosen, entropy
+
+
 def lm_token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token negative log-likelihood and the number of scored tokens (for token-weighted means)."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]

@@ -49,7 +49,7 @@ def response_mask(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, to
     return before.float(), is_eos.bool().any(1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(
     model,
     tokenizer,

@@ -1,7 +1,7 @@
 """Model soups: weight averages of fine-tuned ingredients that share one base.
 
-- `soup_checkpoints`: full checkpoints averaged tensor by tensor, streamed shard by shard from safetensors, so memory
-  holds one output shard plus one tensor per ingredient.
+- `soup_checkpoints`: full checkpoints averaged tensor by tensor, read from and written to safetensors one tensor at
+  a time, so memory holds about two copies of the largest tensor, whatever the model's size.
 - `soup_lora_adapters`: LoRA ingredients on one base. The soup is the average of their *deltas* B·A·scale, written
   exactly as one adapter of rank Σr by concatenating the A's and the weighted, scaled B's. (Averaging A and B
   separately gives a different model: the mean of products is not the product of means.)
@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -63,13 +63,19 @@ def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [x / total for x in w]
 
 
-def average_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Σ w_i · t_i, accumulated in float32 (or float64 for float64 input), returned in the first tensor's dtype."""
-    acc_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    out = torch.zeros(tensors[0].shape, dtype=acc_dtype)
+def average_tensors(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ w_i · t_i, accumulated in float32 (or float64 for float64 input), returned in the first tensor's dtype.
+
+    `tensors` may be a generator: each is added and dropped before the next is read.
+    """
+    out, dtype = None, None
     for t, w in zip(tensors, weights, strict=True):
-        out.add_(t.to(acc_dtype), alpha=w)
-    return out.to(tensors[0].dtype)
+        if out is None:  # w · t is exactly 0 + w · t: one pass instead of zeros then add
+            dtype = t.dtype
+            out = t.to(torch.float64 if dtype == torch.float64 else torch.float32) * w
+        else:
+            out.add_(t.to(out.dtype), alpha=w)
+    return out.to(dtype)
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -173,35 +179,111 @@ def check_compatible(paths: Sequence[Path]) -> dict[str, tuple[str, tuple[int, .
     return ref_index
 
 
+# safetensors dtype codes (the format's spec) and the torch dtypes they hold
+SAFE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class SafetensorsReader:
+    """Tensors of one safetensors file, read one at a time with plain file reads.
+
+    Unlike safetensors' memory map, bytes read once do not stay resident in this process while the file is open,
+    so reading every tensor of a shard costs memory for one tensor, not for the shard.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close(), the reader outlives one block)
+        size = int.from_bytes(self._file.read(8), "little")
+        self.header: dict = json.loads(self._file.read(size))
+        self.header.pop("__metadata__", None)
+        self._data_start = 8 + size
+
+    def get(self, name: str) -> torch.Tensor:
+        meta = self.header[name]
+        begin, end = meta["data_offsets"]
+        dtype = SAFE_DTYPES[meta["dtype"]]
+        raw = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: the read fills it, no zeroing pass
+        self._file.seek(self._data_start + begin)
+        if self._file.readinto(memoryview(raw.numpy())) != end - begin:
+            raise SoupError(f"{self._file.name}: tensor {name} runs past the end of the file (truncated?)")
+        return raw.view(dtype).reshape(meta["shape"])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_safetensors_streamed(
+    path: str | os.PathLike,
+    specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
+    tensors: Iterable[torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose tensors arrive one at a time, in the order of `specs` (name, shape, dtype).
+
+    The header is laid out from the shapes first; each tensor is then written as it is made and can be freed, so
+    the file's contents are never all in memory together.
+    """
+    codes = {dtype: code for code, dtype in SAFE_DTYPES.items()}
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, shape, dtype in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned, as the reference writer lays it out
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for (name, shape, dtype), t in zip(specs, tensors, strict=True):
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name}: expected {tuple(shape)} {dtype}, got {tuple(t.shape)} {t.dtype}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def soup_checkpoints(
     paths: Sequence[str | os.PathLike], out: str | os.PathLike, weights: Sequence[float] | None = None
 ) -> list[float]:
     """Write the weighted average of Hugging Face safetensors checkpoints to `out`, keeping the first's sharding.
 
+    Streams tensor by tensor: each output tensor is accumulated one ingredient at a time and written as soon as it
+    is made, so memory holds about two copies of the largest tensor, whatever the model or shard size.
     Non-floating tensors (integer buffers) must be equal across ingredients and are copied.
     """
     paths = [Path(p) for p in paths]
     w = normalize_weights(weights, len(paths))
-    index = check_compatible(paths)
+    check_compatible(paths)
+    indexes = [_tensor_index(p) for p in paths]  # each ingredient's own shard of each tensor
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shards = checkpoint_shards(paths[0])
+    readers: dict[Path, SafetensorsReader] = {}
+
+    def read(i: int, name: str) -> torch.Tensor:
+        file = paths[i] / indexes[i][name][0]
+        if file not in readers:
+            readers[file] = SafetensorsReader(file)
+        return readers[file].get(name)
+
+    def souped(name: str) -> torch.Tensor:
+        if SAFE_DTYPES[indexes[0][name][2]].is_floating_point:
+            return average_tensors((read(i, name) for i in range(len(paths))), w)
+        first = read(0, name)
+        if any(not torch.equal(read(i, name), first) for i in range(1, len(paths))):
+            raise SoupError(f"non-floating tensor {name} differs between ingredients")
+        return first
+
     from salsa.progress import track  # here, so the soup command line does not load Lightning
 
-    for shard, names in track(shards.items(), "[soup] averaging shards", total=len(shards)):
-        handles = [safe_open(str(p / index[names[0]][0]), "pt") for p in paths]
-        result = {}
-        for name in names:
-            tensors = [h.get_tensor(name) for h in handles]
-            if tensors[0].is_floating_point():
-                result[name] = average_tensors(tensors, w)
-            else:
-                if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
-                    raise SoupError(f"non-floating tensor {name} differs between ingredients")
-                result[name] = tensors[0]
-            del tensors
-        save_file(result, str(out / shard), metadata={"format": "pt"})
-        del result, handles
+    shards = checkpoint_shards(paths[0])
+    try:
+        for shard, names in track(shards.items(), "[soup] averaging shards", total=len(shards)):
+            specs = [(n, indexes[0][n][1], SAFE_DTYPES[indexes[0][n][2]]) for n in names]
+            write_safetensors_streamed(out / shard, specs, (souped(n) for n in names), {"format": "pt"})
+    finally:
+        for r in readers.values():
+            r.close()
     for f in paths[0].iterdir():  # config, generation config, tokenizer files, shard index
         if f.is_file() and not f.name.endswith(".safetensors") and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)

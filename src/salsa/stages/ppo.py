@@ -27,11 +27,11 @@ from salsa.context import Context, log, plain
 from salsa.data import report_long_prompts
 from salsa.functional import (
     AdaptiveKLController,
-    entropy_from_logits,
     gae,
     kl_estimate,
     kl_k1,
     kl_k3,
+    logprobs_and_entropy,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
@@ -112,12 +112,17 @@ class PPOModule(pl.LightningModule):
         self.save_hyperparameters(asdict(config))
 
     # -- 1-5: rollout ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> Samples:
+        c = self.config
+        return sample(self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature)
+
+    # inference mode: no autograd bookkeeping; the update's minibatch indexing turns these into ordinary tensors
+    @torch.inference_mode()
     def rollout(self, prompts: list[str], iteration: int) -> dict:
         c = self.config
         torch.manual_seed(c.seed * 1_000_003 + iteration)  # sampling is a function of (seed, iteration): resumable
         query, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, self.device)
-        s: Samples = sample(self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature)
+        s: Samples = self.generate(query, query_mask)
         seq, attn, mask, P = s.sequences, s.attention_mask, s.response_mask, query.size(1)
 
         ref_logp = token_logprobs(self.actors.reference_logits(seq, attn, P), s.response, c.temperature) * mask
@@ -164,13 +169,14 @@ class PPOModule(pl.LightningModule):
         n = batch["sequences"].size(0)
         size = n // c.num_minibatches
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + iteration)
+        # every epoch's order drawn up front and moved in one copy: no host-device transfer inside the loop
+        orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(c.ppo_epochs)]).to(self.device)
         totals: dict[str, list[torch.Tensor]] = {}
-        for _ in range(c.ppo_epochs):
-            order = torch.randperm(n, generator=gen).to(self.device)
+        for order in orders:
             for start in range(0, n, size):
                 mb = {k: v[order[start : start + size]] for k, v in batch.items()}
                 logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
-                logp = token_logprobs(logits, mb["response"])
+                logp, token_entropy = logprobs_and_entropy(logits, mb["response"])  # one log-softmax for both
                 values = self.actors.values(mb["sequences"], mb["attention_mask"], prompt_len)
                 pg_loss, pg_stats = ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip)
                 vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], c.value_clip)
@@ -180,7 +186,7 @@ class PPOModule(pl.LightningModule):
                 self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits), mb["mask"])
+                    entropy = masked_mean(token_entropy, mb["mask"])
                 step = {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/entropy": entropy}
                 for k, v in {**step, **pg_stats, **vf_stats}.items():
                     totals.setdefault(k if k.startswith("ppo/") else f"ppo/{k}", []).append(v.detach())
