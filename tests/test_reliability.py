@@ -21,6 +21,7 @@ from salsa.cache import StageCache
 from salsa.guards import NonFiniteError
 from salsa.runner import train
 from tests.conftest import ROOT, make_cfg
+from tests.hub_fixtures import ultrafeedback_dir, write_jsonl
 
 pytestmark = pytest.mark.slow
 TRAIN = [sys.executable, str(ROOT / "src" / "train.py")]
@@ -234,6 +235,14 @@ def bad_checkpoints(tmp_path_factory) -> dict[str, Path]:
     (out["truncated"] / "model.safetensors").write_bytes(blob[: len(blob) // 2])
     out["pickle"] = model(root / "pickle")
     (out["pickle"] / "model.safetensors").rename(out["pickle"] / "pytorch_model.bin")
+    # UltraFeedback-format data directories, each wrong in one way
+    out["no_split"] = ultrafeedback_dir(root / "no_split", n=4)
+    (out["no_split"] / "train_sft.jsonl").unlink()
+    out["empty_split"] = ultrafeedback_dir(root / "empty_split", n=4)
+    (out["empty_split"] / "test_prefs.jsonl").write_text("")
+    out["no_column"] = ultrafeedback_dir(root / "no_column", n=4)
+    rows = [json.loads(line) for line in (out["no_column"] / "train_prefs.jsonl").read_text().splitlines()]
+    write_jsonl(out["no_column"] / "train_prefs.jsonl", [{k: v for k, v in r.items() if k != "chosen"} for r in rows])
     return out
 
 
@@ -253,6 +262,10 @@ BAD_INPUTS = {
     "missing safetensors": (["model.name_or_path={missing}"], "no safetensors weights"),
     "truncated safetensors": (["model.name_or_path={truncated}"], "truncated safetensors"),
     "pickle weights": (["model.name_or_path={pickle}"], "pickle weights are not loaded"),
+    "missing data dir": (["data=ultrafeedback", "data.path={root}/no/such/dir"], "data.path"),
+    "missing data file": (["data=ultrafeedback", "data.path={no_split}"], "no file for split 'train_sft'"),
+    "empty data file": (["data=ultrafeedback", "data.path={empty_split}"], "test_prefs.jsonl is empty"),
+    "data file lacks a column": (["data=ultrafeedback", "data.path={no_column}"], "no column 'chosen'"),
     "different architectures": (
         [["-m", "salsa.soup", "{good}", "{wide}", "--out", "{root}/soup"]],
         "differ in architecture",

@@ -21,16 +21,18 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from salsa import schemas
 from salsa.data import TaskData
+from salsa.errors import SalsaError
+from salsa.schemas import FORMATS
 from salsa.task.synthetic import Example, Pair
 
 log = logging.getLogger("salsa")
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(SalsaError, ValueError):
     """A data file or row that does not have the expected schema."""
 
 
@@ -47,15 +49,11 @@ class Splits(NamedTuple):
 # Reading splits
 # ---------------------------------------------------------------------------------------------------------------
 def split_file(path: str | os.PathLike, split: str) -> Path:
-    """The local file of `split` under `path`: `<split>.jsonl|.json|.parquet`, or the hub layout `data/<split>-*`."""
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"data.path {root} is not a directory")
-    candidates = [root / f"{split}{ext}" for ext in FORMATS] + sorted(root.glob(f"data/{split}-*"))
-    for c in candidates:
-        if c.is_file() and c.suffix in FORMATS:
-            return c
-    raise DataError(f"data.path {root} has no file for split {split!r} (expected {split}.jsonl or {split}.parquet)")
+    """The local file of `split` under `path` (see `salsa.schemas`)."""
+    try:
+        return schemas.split_file(path, split)
+    except schemas.DataFileError as e:
+        raise DataError(f"data.path: {e}") from e
 
 
 def read_split(dataset: str, path: str | None, split: str, columns: Sequence[str]) -> list[dict[str, Any]]:
@@ -127,12 +125,12 @@ def last_assistant(messages: Sequence[dict[str, str]], where: str) -> str:
 
 def read_ultrafeedback(dataset: str, path: str | None, limits: tuple[int, int]) -> Splits:
     def examples(split: str) -> list[Example]:
-        rows = read_split(dataset, path, split, ["prompt", "messages"])
+        rows = read_split(dataset, path, split, schemas.SPLIT_COLUMNS["ultrafeedback"][split])
         items = [Example(r["prompt"], last_assistant(r["messages"], f"{split} row")) for r in rows]
         return keep_valid(items, lambda e: text_problem(e.prompt, [e.response], *limits), split)[0]
 
     def pairs(split: str) -> list[Pair]:
-        rows = read_split(dataset, path, split, ["prompt", "chosen", "rejected"])
+        rows = read_split(dataset, path, split, schemas.SPLIT_COLUMNS["ultrafeedback"][split])
         items = [
             Pair(
                 r["prompt"],
@@ -173,7 +171,7 @@ def split_transcript(transcript: str) -> tuple[str, str]:
 
 def read_hh_rlhf(dataset: str, path: str | None, limits: tuple[int, int]) -> Splits:
     def pairs(split: str) -> list[Pair]:
-        rows = read_split(dataset, path, split, ["chosen", "rejected"])
+        rows = read_split(dataset, path, split, schemas.SPLIT_COLUMNS["hh_rlhf"][split])
         items: list[Pair | str] = []
         for r in rows:
             prompt, chosen = split_transcript(r["chosen"])

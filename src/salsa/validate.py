@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from salsa.errors import CheckpointError, ConfigError
 from salsa.export import BENCHMARKS
+from salsa.schemas import SPLIT_COLUMNS, DataFileError, check_local_dataset
 
 STAGES = ("base", "sft", "soup", "rm", "ppo", "eval")
 SOUP_METHODS = ("uniform", "weighted", "greedy")
@@ -165,6 +166,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("soup.weights", f"needs one weight per ingredient ({len(ingredients)}), got {weights}")
         if not all(isinstance(w, int | float) and math.isfinite(w) for w in weights) or not sum(weights) > 0:
             raise ConfigError("soup.weights", f"must be finite numbers with a positive sum, got {list(weights)}")
+
+    task = cfg.data.get("task") or {}
+    if task.get("kind") in SPLIT_COLUMNS and cfg.data.get("path"):
+        try:
+            check_local_dataset(task.kind, cfg.data.path)
+        except DataFileError as e:
+            raise ConfigError("data.path", str(e)) from e
 
     model = cfg.model
     if model.get("name_or_path"):
