@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -103,3 +104,20 @@ def test_compare_runs_notebook(logs, monkeypatch):
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("win rate vs SFT" in h for h in html)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the frontier and the landscape
+
+
+def test_replication_report_from_a_real_sweep(logs, tmp_path):
+    """The replication report reads a finished sweep's results, evaluations and PPO histories from the cache."""
+    from salsa.replicate import load_jobs, report
+
+    jobs, per_prompt = load_jobs(logs / "multirun")
+    assert sorted((j.ref, j.kl_coef) for j in jobs) == [("sft", 0.01), ("sft", 0.2), ("soup3", 0.01), ("soup3", 0.2)]
+    assert all(len(j.history["ppo/gold_reward"]) == 2 for j in jobs)  # debug PPO: 2 iterations
+    paths = report(logs / "multirun", tmp_path, landscape=False, n_boot=200)
+    table = pd.read_csv(paths["csv"])
+    soup3 = table[table["ref"] == "soup3"]
+    assert len(soup3) == 2 and (soup3["win_vs_ppo_low"] <= soup3["win_vs_ppo_mean"]).all()
+    assert (soup3["win_vs_ppo_mean"] <= soup3["win_vs_ppo_high"]).all()
+    text = paths["md"].read_text()
+    assert "54.01" in text and "| soup3 | 0.01 | 1 |" in text
+    assert informative_png(paths["png"])

@@ -36,16 +36,15 @@ def unique(entries: Sequence[Entry], stage: str) -> list[Entry]:
     return list(seen.values())
 
 
-def ppo_histories(tracker: Tracker, entries: Sequence[Entry]) -> dict[str, dict[str, Series]]:
-    """Per-iteration PPO metrics of each PPO stage, read back from the MLflow run that trained it (cached or not)."""
+def ppo_histories(entries: Sequence[Entry]) -> dict[str, dict[str, Series]]:
+    """Per-iteration PPO metrics of each PPO stage, from the history.csv the stage wrote (cached or not)."""
+    from salsa.stages.ppo import HISTORY, read_history
+
     histories = {}
     for e in unique(entries, "ppo"):
-        if not (tracker.enabled and e.run_id):  # built with tracking off: no history to plot
-            continue
-        history = tracker.client.get_metric_history
-        histories[f"ref={e.manifest.get('ref', '?')}"] = {
-            k: sorted((m.step, m.value) for m in history(e.run_id, k)) for k, _ in PPO_PANELS
-        }
+        history = read_history(e.path / HISTORY)
+        if history:
+            histories[f"ref={e.manifest.get('ref', '?')}"] = {k: history.get(k, []) for k, _ in PPO_PANELS}
     return histories
 
 
@@ -54,7 +53,7 @@ def report_job(tracker: Tracker, entries: Sequence[Entry], out: Path) -> list[Pa
     if not (tracker.enabled and tracker.parent_id):
         return []
     written = []
-    histories = ppo_histories(tracker, entries)
+    histories = ppo_histories(entries)
     if histories:
         written.append(save_png(ppo_curves_figure(histories), out / "ppo_curves.png"))
         tracker.log_artifact(tracker.parent_id, written[-1], "plots")

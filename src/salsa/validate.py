@@ -191,6 +191,9 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(model.get("trust_remote_code", False), bool):
         raise ConfigError("model.trust_remote_code", f"must be true or false, got {model.trust_remote_code!r}")
 
+    replicate = cfg.sft.get("replicate", 0)
+    if isinstance(replicate, bool) or not isinstance(replicate, int) or replicate < 0:
+        raise ConfigError("sft.replicate", f"must be a whole number ≥ 0, got {replicate!r}")
     for group in ("sft", "rm"):
         positive_int(
             cfg,

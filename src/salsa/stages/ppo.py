@@ -12,6 +12,7 @@ One Lightning epoch is one PPO iteration:
 
 from __future__ import annotations
 
+import csv
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -109,6 +110,7 @@ class PPOModule(pl.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.last_stats: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []  # one row per iteration, written to the stage's history.csv
         self.save_hyperparameters(asdict(config))
 
     # -- 1-5: rollout ----------------------------------------------------------------------------------------------
@@ -211,6 +213,7 @@ class PPOModule(pl.LightningModule):
         self.log("step", float(iteration), on_step=True, on_epoch=False)  # MLflow x-axis = PPO iteration
         # the values reduced across DDP ranks (each rank rolled out its own prompts)
         self.last_stats = {k: float(self.trainer.callback_metrics.get(k, v)) for k, v in stats.items()}
+        self.history.append({"iteration": iteration, **self.last_stats})
 
     def on_fit_start(self) -> None:
         report_long_prompts(self.tokenizer, self.prompts, self.config.max_prompt_length, "ppo.max_prompt_length")
@@ -227,11 +230,36 @@ class PPOModule(pl.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
-        checkpoint["last_stats"] = getattr(self, "last_stats", {})
+        checkpoint["last_stats"] = self.last_stats
+        checkpoint["history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.last_stats = checkpoint.get("last_stats", {})
+        self.history = checkpoint.get("history", [])
+
+
+HISTORY = "history.csv"
+
+
+def write_history(rows: list[dict[str, float]], path: Path) -> None:
+    """Per-iteration PPO statistics as CSV (iteration first), so curves exist without a tracking server."""
+    if not rows:
+        return
+    columns = ["iteration", *sorted({k for r in rows for k in r} - {"iteration"})]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(iteration, value), ...]} from a stage's history.csv ({} if it has none)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: [(int(r["iteration"]), float(r[k])) for r in rows if r[k] != ""] for k in rows[0] if k != "iteration"}
 
 
 def build_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullActors:
@@ -274,6 +302,7 @@ def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_n
         actors.save_policy(work)
         tok.save_pretrained(str(work))
         final = module.last_stats
+        write_history(module.history, work / HISTORY)
         log.info("[ppo %s] final: %s", ref_name, {k: round(v, 4) for k, v in final.items()})
         return {
             "metrics": {k.removeprefix("ppo/"): v for k, v in final.items()},

@@ -115,6 +115,11 @@ def sft_val_dataset(ctx: Context, tokenizer) -> LMDataset:
     return LMDataset.from_examples(tokenizer, ctx.data.sft_val, s.max_prompt_length, s.max_response_length)
 
 
+def ingredient_seed(seed: int, replicate: int, index: int) -> int:
+    """Seed of SFT ingredient `index` in replicate `replicate`: replicates never share an ingredient."""
+    return seed + 1000 * replicate + index
+
+
 def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
     """SFT ingredient `index`: the base fine-tuned on the demonstrations with seed `sft.seed + index`."""
     cfg = ctx.cfg
@@ -122,7 +127,7 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
 
     def build(work: Path, run_id: str | None) -> dict:
         s = cfg.sft
-        seed = s.seed + index
+        seed = ingredient_seed(s.seed, s.get("replicate", 0), index)
         adapters = uses_adapters(cfg.model)
         if adapters:  # a LoRA adapter on the frozen base; the seed also sets its initial A
             pl.seed_everything(seed, workers=True, verbose=False)
