@@ -22,24 +22,35 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 from salsa.actors import FullActors
+from salsa.errors import SalsaError
 from salsa.models import load_causal_lm, load_reward_model, load_tokenizer, position_ids_from_mask
 from salsa.soup import ADAPTER_CONFIG, ADAPTER_WEIGHTS, soup_lora_adapters
 from salsa.validate import QUANT
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
 HEAD = "score"  # the scalar head of a *ForSequenceClassification model (saved by peft as a module to save)
 
 
-class AdapterError(ValueError):
+def peft():
+    """The peft module, imported on first use: it loads bitsandbytes, which runs on the full-weight path need not."""
+    import peft as module
+    import peft.tuners.tuners_utils  # noqa: F401  (BaseTunerLayer)
+
+    return module
+
+
+class AdapterError(SalsaError, ValueError):
     """An adapter or model setting that cannot be used."""
 
 
@@ -54,7 +65,7 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def config(self, task_type: str | None = None, dropout: float | None = None, **extra: Any) -> LoraConfig:
-        return LoraConfig(
+        return peft().LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout if dropout is None else dropout,
@@ -199,7 +210,7 @@ def new_adapter_model(settings: BaseSettings, device: torch.device | str, scalar
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     extra = {"task_type": "SEQ_CLS", "modules_to_save": [HEAD]} if scalar_head else {"task_type": "CAUSAL_LM"}
-    adapted = get_peft_model(model, settings.lora.config(**extra))
+    adapted = peft().get_peft_model(model, settings.lora.config(**extra))
     checkpoint_trainable_only(adapted.get_base_model())  # also when the adapted model is trained unwrapped (RM)
     return base_tokenizer(settings), checkpoint_trainable_only(adapted)
 
@@ -270,10 +281,10 @@ class SharedBase(nn.Module):
         config.inference_mode = not trainable
         if self._peft is None:
             # kept out of the module tree: it wraps `lm`, whose layers already hold the injected adapters
-            object.__setattr__(self, "_peft", get_peft_model(self.lm, config, adapter_name=name))
+            object.__setattr__(self, "_peft", peft().get_peft_model(self.lm, config, adapter_name=name))
         else:
             self._peft.add_adapter(name, config)
-        self._layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        self._layers = [m for m in self.lm.modules() if isinstance(m, peft().tuners.tuners_utils.BaseTunerLayer)]
         if trainable:
             self._trainable.add(name)
         for pname, p in self.lm.named_parameters():
@@ -289,7 +300,7 @@ class SharedBase(nn.Module):
     def _remove(self, name: str) -> None:
         self._peft.delete_adapter(name)
         self._trainable.discard(name)
-        self._layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        self._layers = [m for m in self.lm.modules() if isinstance(m, peft().tuners.tuners_utils.BaseTunerLayer)]
         self._set_active([n for n in self._active if n != name])
 
     def new_adapter(self, name: str, lora: LoraSettings, trainable: bool = True) -> None:
@@ -302,14 +313,14 @@ class SharedBase(nn.Module):
         for unsupported in ("use_dora", "rank_pattern", "alpha_pattern"):
             if config.get(unsupported):
                 raise AdapterError(f"{path}: {unsupported} is not supported on the shared base")
-        fields = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
-        peft_config = PeftConfig.from_peft_type(**fields)
+        fields = {k: v for k, v in config.items() if k in peft().LoraConfig.__dataclass_fields__}
+        peft_config = peft().PeftConfig.from_peft_type(**fields)
         peft_config.modules_to_save = None  # the head lives beside the base, not inside it
         peft_config.task_type = None
         peft_config.lora_dropout = 0.0
         self._add(name, peft_config, trainable)
         try:
-            result = set_peft_model_state_dict(self._peft, lora, adapter_name=name)
+            result = peft().set_peft_model_state_dict(self._peft, lora, adapter_name=name)
         except RuntimeError as e:  # shape mismatch
             self._remove(name)
             raise AdapterError(f"{path}: adapter does not fit the base {self.base_name} ({e})") from e
@@ -369,7 +380,7 @@ class SharedBase(nn.Module):
         """Write adapter `name` as a plain peft adapter directory (its LoRA factors only)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self._peft, adapter_name=name)
+        state = peft().get_peft_model_state_dict(self._peft, adapter_name=name)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS))
         config = self._peft.peft_config[name].to_dict()
         config.update(base_model_name_or_path=self.base_name, inference_mode=True, task_type="CAUSAL_LM")
