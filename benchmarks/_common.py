@@ -154,5 +154,24 @@ def ensure_venv(name: str, packages: list[str], log=print) -> tuple[Path | None,
     return python, ""
 
 
+def bare_trainer(iterations: int, **overrides):
+    """A Lightning Trainer that runs `iterations` PPO iterations and nothing else: no logger, checkpoints,
+    progress bar or model summary, so only the PPO work is timed."""
+    import pytorch_lightning as pl  # here, so the TRL venv (no Lightning) can import this module
+
+    settings = {
+        "accelerator": "auto",
+        "devices": 1,
+        "max_epochs": iterations,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "use_distributed_sampler": False,
+        "log_every_n_steps": 1,
+    }
+    return pl.Trainer(**{**settings, **overrides})
+
+
 def human_bytes(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB" if abs(n_bytes) >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"

@@ -22,13 +22,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
-import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from benchmarks._common import bare_trainer  # noqa: E402
 from salsa.cache import Entry  # noqa: E402
 from salsa.lora import BaseSettings, LoraSettings, SharedBase, build_adapter_actors  # noqa: E402
 from salsa.models import train_word_tokenizer  # noqa: E402
@@ -151,17 +152,10 @@ def main(argv=None) -> dict:
             lr=1e-5,
         )
         module = TimedPPO(actors, tokenizer, prompts, config)
-        trainer = pl.Trainer(
+        trainer = bare_trainer(
+            args.iterations,
             accelerator="gpu" if cuda else "cpu",
-            devices=1,
             precision="bf16-mixed" if cuda else "32-true",
-            max_epochs=args.iterations,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            log_every_n_steps=1,
         )
         trainer.fit(module)
 

@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from benchmarks._common import VENVS, PhaseClock, ensure_venv, human_bytes, run_measured  # noqa: E402
+from benchmarks._common import VENVS, PhaseClock, bare_trainer, ensure_venv, human_bytes, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PACKAGES = ["trl==1.0.0"]  # its PPOTrainer's last release (`trl.experimental.ppo`)
@@ -158,7 +158,6 @@ def prepare(workdir: Path, size: dict, seed: int = 0) -> dict:
 # Our side: one process running PPOModule under Lightning, phases timed from outside the math
 # ---------------------------------------------------------------------------------------------------------------
 def run_ours(workdir: Path, iterations: int, out: Path) -> None:
-    import pytorch_lightning as pl
 
     from salsa.cache import Entry
     from salsa.models import load_tokenizer
@@ -196,17 +195,7 @@ def run_ours(workdir: Path, iterations: int, out: Path) -> None:
     actors.scores = scoring(actors.scores)
     prompts = json.loads((workdir / "prompts.json").read_text())
     module = TimedPPO(actors, load_tokenizer(workdir / "policy"), prompts, config, judge=None)
-    trainer = pl.Trainer(
-        accelerator="auto",
-        devices=1,
-        max_epochs=iterations,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        log_every_n_steps=1,
-    )
+    trainer = bare_trainer(iterations)
     trainer.fit(module)
     result = {
         "tool": "salsa",
