@@ -114,12 +114,18 @@ def test_base_tensors_exist_once(plan):
     assert trainable and all(".policy." in n or ".value." in n or "heads.value" in n for n in trainable)
 
 
-def _dequantized_linear_weights(lm) -> dict[str, torch.Tensor]:
+def _dequantized_linear_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The float weights a 4-bit base computes with, from a fresh load that has never run a forward.
+
+    Reading the bytes of a base that has run forwards would depend on the CPU's kernel path: on AVX512-BF16 CPUs
+    bitsandbytes may repack them into another layout (salsa switches that off; see `test_4bit_path_is_portable`).
+    """
     out = {}
-    for name, module in lm.named_modules():
+    for name, module in load_base(_settings(ckpt), "cpu").named_modules():
         if isinstance(module, Linear4bit):
             w = module.weight
-            out[name.replace(".base_layer", "") + ".weight"] = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+            assert not getattr(w.quant_state, "packing_format_for_cpu", False)
+            out[name + ".weight"] = bnbf.dequantize_4bit(w.data, w.quant_state).float()
     return out
 
 
@@ -131,7 +137,7 @@ def test_reference_is_base_plus_mean_delta_and_policy_starts_there(plan):
     # expected: a plain float model with the dequantised base weights plus the mean of the ingredients' deltas
     expected_model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     state = expected_model.state_dict()
-    state.update(_dequantized_linear_weights(actors.shared.lm))
+    state.update(_dequantized_linear_weights(ckpt))
     for path in ingredients:
         cfg, factors, _ = read_adapter(path)
         scale = cfg["lora_alpha"] / cfg["r"]
@@ -256,3 +262,25 @@ def test_checkpoints_hold_only_trainable_tensors(plan):
         if p.requires_grad:
             assert torch.equal(p.detach(), changed[name])
     actors.load_state_dict(state)
+
+
+def test_4bit_path_is_portable(tmp_path, monkeypatch):
+    """On a CPU with AVX512-BF16, bitsandbytes would repack 4-bit weights at the first no-grad eval forward and
+    compute such forwards in bf16 from then on. Pretend to be such a CPU: the base must still compute every forward
+    the same way, so rollout log-probs (no grad) equal the update's (with grad) and results do not depend on the CPU.
+    """
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    ckpt = tiny_checkpoint(tmp_path / "base", "gemma")
+    model = load_base(_settings(ckpt), "cpu")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers
+    seq = torch.randint(3, 40, (2, 8))
+    model.train()
+    with_grad = model(input_ids=seq).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        rollout = model(input_ids=seq).logits
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    torch.testing.assert_close(rollout, with_grad, rtol=1e-5, atol=1e-5)

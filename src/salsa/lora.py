@@ -153,11 +153,28 @@ def load_base(settings: BaseSettings, device: torch.device | str, scalar_head: b
     )
     if quant is None:
         model.to(device)
+    else:
+        portable_4bit_kernels(model)
     model.requires_grad_(False)
     for module in model.modules():  # attention dropout is read at construction; PPO's logprobs need it off
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
     return model
+
+
+def portable_4bit_kernels(model: nn.Module) -> None:
+    """Keep every 4-bit layer on bitsandbytes' portable CPU path, whatever the CPU.
+
+    On CPUs with AVX512-BF16 (Intel Sapphire Rapids and later), bitsandbytes repacks a 4-bit weight into another
+    layout at its first forward in eval mode without gradients, and from then on computes such forwards in bf16.
+    Rollout and reference log-probabilities (no gradients) would then come from other arithmetic than the same
+    model's log-probabilities in the PPO update, so the first importance ratio would not be 1, and results would
+    depend on which CPU ran them. Switching the repack off keeps one layout and float32 arithmetic everywhere; GPUs
+    never take that path.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_checkpointing(model: nn.Module, context_fn=None) -> None:
