@@ -144,8 +144,10 @@ def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
 # Concurrency
 # ---------------------------------------------------------------------------------------------------------------
 def test_four_jobs_at_once_on_a_cold_cache(tmp_path):
-    """Overlapping needs (base, SFT ingredients, RM, the PPO baseline): each stage is built exactly once."""
+    """Overlapping needs (base, SFT ingredients, RM, the PPO baseline): each stage is built exactly once. All four
+    ask for the same run directory (as runs started in one second do): each gets its own, nothing is lost."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    refs = ("soup3", "sft", "soup2", "other")
     procs = [
         subprocess.Popen(
             [
@@ -155,14 +157,14 @@ def test_four_jobs_at_once_on_a_cold_cache(tmp_path):
                 "extras.torch_threads=1",  # four jobs share two cores
                 f"paths.log_dir={tmp_path}",
                 f"ref={ref}",
-                f"hydra.run.dir={tmp_path}/run-{ref}",
+                f"hydra.run.dir=${{salsa.unique_dir:{tmp_path}/runs/same_second}}",
             ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for ref in ("soup3", "sft", "soup2", "other")
+        for ref in refs
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
@@ -173,8 +175,16 @@ def test_four_jobs_at_once_on_a_cold_cache(tmp_path):
     stages = [b["stage"] for b in builds]
     assert stages.count("base") == 1 and stages.count("rm") == 1 and stages.count("sft") == 3
     assert stages.count("soup") == 2 and stages.count("ppo") == 4 and stages.count("eval") == 4
-    for ref in ("soup3", "sft", "soup2", "other"):
-        assert json.loads((tmp_path / f"run-{ref}" / "results.json").read_text())["ref"] == ref
+    run_dirs = sorted((tmp_path / "runs").iterdir())
+    assert [d.name for d in run_dirs] == ["same_second", "same_second_2", "same_second_3", "same_second_4"]
+    got = {}
+    for d in run_dirs:
+        ref = json.loads((d / "results.json").read_text())["ref"]
+        log_text = (d / "train.log").read_text()
+        assert f"results written to {d / 'results.json'}" in log_text  # each run's log is its own
+        assert sum(log_text.count(f"results written to {o / 'results.json'}") for o in run_dirs) == 1
+        got[ref] = d
+    assert sorted(got) == sorted(refs)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("salsa").experiment_id])
     assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 4

@@ -8,9 +8,35 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from salsa.errors import ConfigError, SalsaError
+
+
+def unique_dir(path: str) -> str:
+    """`path`, or `path_2`, `path_3`, ...: the first that this call creates.
+
+    Run directories are named by the second a run started, so runs started together (a shell loop, a scheduler's
+    job array, two sweeps) would share one and overwrite each other's results and logs. `mkdir` is atomic, also
+    on network file systems, so each process gets a directory no other process has.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = target if n == 1 else target.with_name(f"{target.name}_{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise ConfigError(f"{target}: 10,000 run directories of this name already exist")
+
+
+def register_resolvers() -> None:
+    """Resolvers the config uses (conf/hydra/default.yaml). Cached per config: a run resolves its directory once,
+    and every job of a sweep, in whichever process, sees the directory its launcher created."""
+    if not OmegaConf.has_resolver("salsa.unique_dir"):
+        OmegaConf.register_new_resolver("salsa.unique_dir", unique_dir, use_cache=True)
 
 
 def unknown_group_option(argv: Sequence[str], conf_dir: Path) -> str | None:
@@ -61,3 +87,6 @@ def run(cfg: DictConfig, job: Callable[[DictConfig], Any] | None = None) -> Any:
             raise
         fail(str(e), 2 if isinstance(e, ConfigError) else 1)
     return None
+
+
+register_resolvers()  # at import: the entry points, and sweep jobs in worker processes (joblib), all import this module
