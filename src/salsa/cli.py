@@ -66,8 +66,23 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def missing_sweeper(argv: Sequence[str]) -> str | None:
+    """A message when the command line asks for the Optuna sweeper and its optional extra is not installed."""
+    if not any(a.startswith(("hparams_search=", "hydra/sweeper=optuna")) and not a.endswith("=null") for a in argv):
+        return None
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ModuleNotFoundError:  # no hydra_plugins namespace at all
+        found = False
+    if not found:
+        return 'hyperparameter searches need the Optuna sweeper: pip install -e ".[optuna]"'
+    return None
+
+
 def check_argv(argv: Sequence[str], conf_dir: Path) -> None:
-    message = unknown_group_option(argv, conf_dir)
+    message = unknown_group_option(argv, conf_dir) or missing_sweeper(argv)
     if message:
         fail(message)
 
