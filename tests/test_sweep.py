@@ -21,6 +21,7 @@ from tests.test_plots import informative_png
 
 pytestmark = pytest.mark.slow
 
+RUN_NAMES = [f"ref={ref} ppo.kl_coef={kl}" for ref in ("sft", "soup3") for kl in ("0.01", "0.2")]
 SMALL = ["debug=default", "logger=mlflow", "extras.torch_threads=1"]  # one thread per job: two jobs share 2 cores
 
 
@@ -57,6 +58,8 @@ def test_sweep_runs_and_ingredients_trained_once(logs):
     assert sorted((r.data.params["ref.name"], float(r.data.params["ppo.kl_coef"])) for r in jobs) == [
         ("sft", 0.01), ("sft", 0.2), ("soup3", 0.01), ("soup3", 0.2),
     ]  # fmt: skip
+    # each run is named by what distinguishes it (its reference and the sweep's overrides)
+    assert sorted(r.info.run_name for r in jobs) == RUN_NAMES
     for r in jobs:
         assert 0.0 <= r.data.metrics["eval/win_rate_vs_sft"] <= 1.0 and "eval/kl_to_ref" in r.data.metrics
         assert r.data.tags["sweep"] == str((logs / "multirun").resolve())
@@ -121,3 +124,60 @@ def test_replication_report_from_a_real_sweep(logs, tmp_path):
     text = paths["md"].read_text()
     assert "54.01" in text and "| soup3 | 0.01 | 1 |" in text
     assert informative_png(paths["png"])
+
+
+def test_experiment_opens_as_model_training_with_views(logs):
+    """The experiment is tagged as model training, and the runs table has a saved view of the sweep that shows its
+    results first and the params it varies, filtered to its jobs."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{logs}/mlflow.db")
+    tags = client.get_experiment_by_name("salsa").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.sweep-multirun"])
+    state = json.loads(view["state"])
+    assert view["name"] == "sweep multirun"
+    assert state["selectedColumns"][0] == "metrics.`eval/win_rate_vs_sft`"
+    assert "params.`ppo.kl_coef`" in state["selectedColumns"] and "params.`ref.name`" in state["selectedColumns"]
+    runs = client.search_runs([client.get_experiment_by_name("salsa").experiment_id], state["searchFilter"])
+    assert len(runs) == 4  # the filter selects exactly the sweep's four jobs
+    assert json.loads(tags["mlflow.sharedViewState.salsa-results"])["name"] == "salsa results"
+
+
+@pytest.mark.browser
+def test_mlflow_ui_compares_the_sweep_in_chromium(logs, tmp_path):
+    """What a person does: open the sweep's runs in `mlflow server` in Chromium, read each run's win rate and
+    settings, select two runs and compare them."""
+    pytest.importorskip("playwright", reason="needs playwright (part of the dev extra)")
+    from salsa import mlflow_ui
+
+    if mlflow_ui.find_chromium() is None:
+        pytest.skip("no Chromium installed (Debian: apt-get install chromium; or set SALSA_CHROMIUM)")
+    uri = f"sqlite:///{logs}/mlflow.db"
+    with mlflow_ui.serve(uri) as base, mlflow_ui.browser_page() as page:
+        mlflow_ui.open_runs_table(page, mlflow_ui.runs_url(base, uri, "sweep-multirun"))
+        page.screenshot(path=str(tmp_path / "runs.png"))  # kept for a failing run's inspection
+        names = RUN_NAMES
+        header = page.locator(".ag-header").inner_text()
+        assert "eval/win_rate_vs_sft" in header and "ppo.kl_coef" in header and "ref.name" in header
+        rows = page.locator(".ag-center-cols-container .ag-row")
+        assert rows.count() == 4
+        # each row (the grid's rows carry the run's index) shows its own name, settings and win rate
+        client = MlflowClient(tracking_uri=uri)
+        for name in names:
+            run = client.search_runs(
+                [client.get_experiment_by_name("salsa").experiment_id], f"attributes.run_name = '{name}'"
+            )[0]
+            row_index = page.get_by_text(name, exact=True).locator("xpath=ancestor::*[@row-index]").first
+            index = row_index.get_attribute("row-index")
+            cells = page.locator(f".ag-center-cols-container .ag-row[row-index='{index}']").inner_text()
+            assert run.data.params["ppo.kl_coef"] in cells and run.data.params["ref.name"] in cells
+            assert f"{run.data.metrics['eval/win_rate_vs_sft']:g}"[:4] in cells
+        # select two runs and compare them: the compare page plots the key metric for both
+        checkboxes = page.locator(".ag-row .ag-selection-checkbox .ag-checkbox-input-wrapper")
+        checkboxes.nth(0).click()
+        checkboxes.nth(1).click()
+        page.get_by_role("button", name="Compare").click()
+        page.wait_for_url("**/compare-runs**")
+        page.get_by_text("Run details").wait_for()
+        body = page.locator("body").inner_text()
+        assert "Comparing 2 Runs" in body and "eval/win_rate_vs_sft" in body
+        assert sum(name in body for name in names) == 2

@@ -28,8 +28,8 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         # heavy imports here: Hydra also instantiates callbacks in every job process
         from salsa.plots import frontier_figure, save_png
-        from salsa.sweep import job_results, win_rate_table
-        from salsa.tracking import Tracker
+        from salsa.sweep import job_results, swept_params, win_rate_table
+        from salsa.tracking import Tracker, key_columns, view_state
 
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = job_results(sweep_dir)
@@ -50,3 +50,11 @@ class SweepReport(Callback):
         for f in files:
             tracker.log_artifact(tracker.parent_id, f, "plots" if f.suffix == ".png" else None)
         tracker.end_parent("FINISHED")
+        # a saved view of the runs table with this sweep's jobs, their results and what they vary
+        columns = key_columns(swept_params(sweep_dir))
+        where = f"tags.sweep = '{sweep_dir.resolve()}' and tags.kind = 'pipeline'"
+        view = f"sweep-{sweep_dir.name}"
+        tracker.save_view(view, f"sweep {sweep_dir.name}", view_state(columns, where, "metrics.`eval/win_rate_vs_sft`"))
+        if tracker.enabled:
+            log.info("compare the sweep's runs: mlflow ui --backend-store-uri %s, then open %s",
+                     tracker.tracking_uri, tracker.ui_url(view))  # fmt: skip

@@ -18,7 +18,7 @@ from salsa.context import Context
 from salsa.distributed import is_global_zero
 from salsa.pipeline import run, write_results
 from salsa.report import report_job, sweep_tags
-from salsa.tracking import Tracker
+from salsa.tracking import Tracker, run_name
 
 log = logging.getLogger("salsa")
 
@@ -42,6 +42,16 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.disable_progress_bar()  # per-file "Loading weights" bars
     transformers.utils.logging.set_verbosity_error()  # e.g. "score.weight newly initialised" for the reward head
+
+
+def task_overrides() -> list[str]:
+    """The command line's overrides of the job's config (a sweep's job: its own values), [] outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # composed outside @hydra.main (notebooks)
+        return []
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -87,8 +97,8 @@ def train(cfg: DictConfig) -> float | None:
         run(cfg, Context.from_cfg(cfg, Tracker(None)))
         return None
     tracker = Tracker.from_cfg(cfg)
-    tags = {"ref": cfg.ref.name, "output_dir": str(out), **sweep_tags()}
-    tracker.start_parent(f"{cfg.task_name}-{cfg.ref.name}", cfg, tags=tags)
+    tags = {"kind": "pipeline", "ref": cfg.ref.name, "output_dir": str(out), **sweep_tags()}
+    tracker.start_parent(run_name(task_overrides(), cfg.ref.name), cfg, tags=tags)
     ctx = Context.from_cfg(cfg, tracker)
     try:
         results = run(cfg, ctx)
@@ -104,5 +114,7 @@ def train(cfg: DictConfig) -> float | None:
     tracker.end_parent("FINISHED")
     Console().print(results_table(results))
     log.info("results written to %s", path)
+    if tracker.enabled and not sweep_tags():  # a sweep's summary names its own view
+        log.info("compare runs: mlflow ui --backend-store-uri %s, then open %s", tracker.tracking_uri, tracker.ui_url())
     metric = cfg.get("optimized_metric")
     return results.get(metric) if metric else None

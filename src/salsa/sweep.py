@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from salsa.tracking import flatten
+
 SETTING = ["ref", "kl_coef"]  # what a `kl_coef × ref` sweep varies
 
 
@@ -28,6 +30,35 @@ def job_results(sweep_dir: str | Path) -> pd.DataFrame:
         row.update({k: v for k, v in results.items() if k not in row and not isinstance(v, dict | list)})
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else ["job", *SETTING])
+
+
+def swept_params(sweep_dir: str | Path) -> list[str]:
+    """The config keys (MLflow param names) a sweep's jobs differ in, from their command-line overrides.
+
+    `ppo.kl_coef=0.02` names itself; a config group choice (`ref=sft`) is shown by its `name` field (`ref.name`),
+    or by the fields it changes when it has none.
+    """
+    jobs = sorted(p for p in Path(sweep_dir).iterdir() if (p / ".hydra" / "overrides.yaml").is_file())
+    overrides: dict[str, list[str]] = {}
+    configs = []
+    for job in jobs:
+        for override in OmegaConf.load(job / ".hydra" / "overrides.yaml"):
+            key, _, value = str(override).lstrip("+~").partition("=")
+            overrides.setdefault(key, []).append(value)
+        if (job / "resolved_config.yaml").is_file():
+            configs.append(flatten(OmegaConf.to_container(OmegaConf.load(job / "resolved_config.yaml"))))
+    keys: list[str] = []
+    for key, values in overrides.items():
+        if len(set(values)) < 2 and len(values) == len(jobs):  # the same in every job
+            continue
+        if "." in key:
+            keys.append(key)
+        elif configs and f"{key}.name" in configs[0]:
+            keys.append(f"{key}.name")
+        else:
+            fields = sorted({k for c in configs for k in c if k.startswith(f"{key}.")})
+            keys.extend(k for k in fields if len({str(c.get(k)) for c in configs}) > 1)
+    return keys
 
 
 def mlflow_results(runs: pd.DataFrame) -> pd.DataFrame:

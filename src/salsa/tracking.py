@@ -6,8 +6,10 @@ Lightning loggers never step on each other.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,16 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment as GenAI (traces) or as model training (runs) by this experiment tag
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# the UI keeps its saved views of the runs table (columns, filter, sort) as experiment tags under this prefix
+VIEW_TAG = "mlflow.sharedViewState."
+RESULTS_VIEW = "salsa-results"
+# what a person comparing runs looks at first: the judged results, then what distinguishes the runs
+KEY_METRICS = ("win_rate_vs_sft", "win_rate_vs_ppo", "gold_reward", "rm_reward", "kl_to_ref")
+KEY_PARAMS = ("ref.name", "ppo.kl_coef")
+# overrides that say where or how a run ran, not what it is: left out of run names
+NAME_EXCLUDES = ("paths.", "extras.", "logger", "hydra", "trainer", "debug", "stage", "task_name")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -36,6 +48,59 @@ def _store_lock(tracking_uri: str):
     db = Path(tracking_uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(db) + ".lock")
+
+
+def run_name(overrides: Sequence[str], ref: str) -> str:
+    """A run's name in the UI: its reference, then the command-line overrides that make it differ from others
+    (`ref=soup3 ppo.kl_coef=0.02`); long floats (Optuna's) are shortened to 4 significant digits."""
+    parts = [f"ref={ref}"]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "ref" or key.startswith(NAME_EXCLUDES):
+            continue
+        try:
+            number = float(value)
+            if "." in value and len(value) > 8:
+                value = f"{number:.4g}"
+        except ValueError:
+            pass
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def view_state(
+    columns: Sequence[str], search_filter: str = "", order_by: str = "attributes.start_time", ascending: bool = False
+) -> dict[str, Any]:
+    """A saved view of MLflow's runs table: the selected columns (`metrics.`name``, `params.`name``) in this order,
+    a search filter and a sort. Fields the UI does not find in a view keep their defaults."""
+    metric_width = 140  # wide enough for `eval/win_rate_vs_sft`, narrow enough that the params stay in sight
+    return {
+        "searchFilter": search_filter,
+        "orderByKey": order_by,
+        "orderByAsc": ascending,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": list(columns),
+        "columnOrder": list(columns),
+        "columnWidths": {c: metric_width for c in columns if c.startswith("metrics.")},
+        "runsHiddenMode": "FIRST_10_RUNS",
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+    }
+
+
+def key_columns(params: Sequence[str] = ()) -> list[str]:
+    """The results first, then `params` (e.g. what a sweep varies), then the reference and KL coefficient."""
+    params = [*params, *(p for p in KEY_PARAMS if p not in params)]
+    return [f"metrics.`eval/{m}`" for m in KEY_METRICS] + [f"params.`{p}`" for p in params]
 
 
 class Tracker:
@@ -59,6 +124,9 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
                 self.experiment_id = exp.experiment_id
+            if exp is None or KIND_TAG not in exp.tags:
+                self.client.set_experiment_tag(self.experiment_id, KIND_TAG, TRAINING_KIND)
+                self.save_view(RESULTS_VIEW, "salsa results", view_state(key_columns(), "tags.kind = 'pipeline'"))
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Tracker:
@@ -98,6 +166,22 @@ class Tracker:
             self.client.set_terminated(run.info.run_id, "FAILED")
             raise
         self.client.set_terminated(run.info.run_id, "FINISHED")
+
+    # -- the UI ---------------------------------------------------------------------------------------------------
+    def save_view(self, view_id: str, name: str, state: Mapping[str, Any]) -> None:
+        """A saved view of the experiment's runs table (the UI's "Views" menu; also opened by `ui_url(view_id)`)."""
+        if not self.enabled:
+            return
+        now = int(time.time() * 1000)
+        envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + view_id, json.dumps(envelope))
+
+    def ui_url(self, view_id: str | None = RESULTS_VIEW, host: str = "http://127.0.0.1:5000") -> str | None:
+        """Where `mlflow ui` shows this experiment's runs (as model training, not GenAI traces), in a saved view."""
+        if not self.enabled:
+            return None
+        query = "workflowType=machine_learning" + (f"&viewStateShareKey={view_id}" if view_id else "")
+        return f"{host}/#/experiments/{self.experiment_id}/runs?{query}"
 
     # -- logging -------------------------------------------------------------------------------------------------
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
