@@ -6,7 +6,7 @@
 Needs no network: the model is built from the preset's shipped config (conf/model/gemma2b.yaml, `from_config`,
 random weights), saved once to a temp dir, and loaded back 4-bit by the same code the pipeline uses. Three random
 LoRA "SFT ingredients" are souped into the reference; a random LoRA reward adapter with a scalar head is the reward
-model and the value function's start (`salsa.lora.build_adapter_actors`). The PPO module is the pipeline's own.
+model and the value function's start (`salsa.models.adapter_actors.build_adapter_actors`). The PPO module is the pipeline's own.
 Goal on one GPU: peak memory <= 12 GB, so a 16 GB card fits.
 """
 
@@ -30,13 +30,15 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from benchmarks._common import bare_trainer  # noqa: E402
-from salsa.cache import Entry  # noqa: E402
-from salsa.lora import BaseSettings, LoraSettings, SharedBase, build_adapter_actors  # noqa: E402
-from salsa.models import train_word_tokenizer  # noqa: E402
+from salsa.algorithms.ppo import PPOConfig, PPOModule  # noqa: E402
+from salsa.data.synthetic import SyntheticTask  # noqa: E402
+from salsa.infra.cache import Entry  # noqa: E402
+from salsa.merge.soup import ADAPTER_CONFIG, ADAPTER_WEIGHTS, soup_lora_adapters  # noqa: E402
+from salsa.models.adapter_actors import build_adapter_actors  # noqa: E402
+from salsa.models.hf import train_word_tokenizer  # noqa: E402
+from salsa.models.qlora import BaseSettings, LoraSettings  # noqa: E402
+from salsa.models.shared_base import SharedBase  # noqa: E402
 from salsa.runner import quiet_libraries  # noqa: E402
-from salsa.soup import ADAPTER_CONFIG, ADAPTER_WEIGHTS, soup_lora_adapters  # noqa: E402
-from salsa.stages.ppo import PPOConfig, PPOModule  # noqa: E402
-from salsa.task.synthetic import SyntheticTask  # noqa: E402
 
 TINY_ARCH = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
              "num_key_value_heads": 1, "head_dim": 32}  # fmt: skip

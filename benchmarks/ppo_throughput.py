@@ -122,10 +122,11 @@ def prepare(workdir: Path, size: dict, seed: int = 0) -> dict:
     from transformers import GemmaForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from salsa.data import prompt_ids, synthetic_data
-    from salsa.models import num_parameters, tiny_gemma, train_word_tokenizer
+    from salsa.algorithms.ppo import PPOConfig
+    from salsa.data.task import synthetic_data
+    from salsa.data.tokens import prompt_ids
+    from salsa.models.hf import num_parameters, tiny_gemma, train_word_tokenizer
     from salsa.stages.base import task_texts
-    from salsa.stages.ppo import PPOConfig
 
     hf_logging.disable_progress_bar()
     ppo_defaults = OmegaConf.load(ROOT / "conf/ppo/default.yaml")
@@ -159,9 +160,10 @@ def prepare(workdir: Path, size: dict, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def run_ours(workdir: Path, iterations: int, out: Path) -> None:
 
-    from salsa.cache import Entry
-    from salsa.models import load_tokenizer
-    from salsa.stages.ppo import PPOConfig, PPOModule, build_actors
+    from salsa.algorithms.ppo import PPOConfig, PPOModule
+    from salsa.infra.cache import Entry
+    from salsa.models.hf import load_tokenizer
+    from salsa.stages.ppo import build_actors
 
     clock = PhaseClock()
 

@@ -1,6 +1,6 @@
 """Soup memory: wall time and peak RSS of averaging 3 checkpoints of a ~200M-parameter model, three ways.
 
-- ours: `salsa.soup.soup_checkpoints` (streams tensor by tensor from and to safetensors);
+- ours: `salsa.merge.soup.soup_checkpoints` (streams tensor by tensor from and to safetensors);
 - naive: load every ingredient's full state dict, average, save;
 - mergekit: its `linear` merge through `mergekit-yaml`, installed on first use into `benchmarks/.venvs/mergekit`.
 
@@ -69,7 +69,7 @@ def worker(method: str, paths: list[Path], out: Path) -> None:
     if method == "baseline":
         import safetensors.torch  # noqa: F401  (the imports every method pays for)
     elif method == "ours":
-        from salsa.soup import soup_checkpoints
+        from salsa.merge.soup import soup_checkpoints
 
         soup_checkpoints(paths, out)
     elif method == "naive":
@@ -82,7 +82,7 @@ def naive_soup(paths: list[Path], out: Path) -> None:
     """Load all, average, save (keeping the first ingredient's sharding)."""
     from safetensors.torch import load_file, save_file
 
-    from salsa.soup import checkpoint_shards
+    from salsa.merge.soup import checkpoint_shards
 
     states = []
     for p in paths:

@@ -12,7 +12,7 @@ from train import ROOT  # importing the training entry point also sets SALSA_ROO
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="landscape")
 def main(cfg: DictConfig) -> None:
-    from salsa.landscape import landscape_job
+    from salsa.stages.landscape import landscape_job
 
     cli.run(cfg, landscape_job)
 

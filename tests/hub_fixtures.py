@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GemmaConfig, LlamaConfig, MistralConfig, PreTrainedTokenizerFast
 
-from salsa.models import CHAT_TEMPLATE
+from salsa.models.hf import CHAT_TEMPLATE
 
 WORDS = (
     "how do i bake bread write a poem about the sea explain why the sky is blue give me three tips for sleeping "

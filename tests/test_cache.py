@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from salsa.cache import StageCache, stage_key
+from salsa.infra.cache import StageCache, stage_key
 
 
 def test_key_is_stable_and_sensitive():

@@ -6,16 +6,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from salsa.data import prompt_ids
-from salsa.export import (
+from salsa.data.benchmarks import (
     ExportError,
     answer_record,
     conversation_ids,
-    export_answers,
     markdown_counts,
     question_temperature,
     read_questions,
 )
+from salsa.data.tokens import prompt_ids
+from salsa.stages.export import export_answers
 from tests.hub_fixtures import arch_config, word_tokenizer, write_jsonl
 
 ARENA_V01 = {"question_id": "a1b2", "category": "arena-hard-v0.1", "cluster": "c", "turns": [{"content": "hello"}]}

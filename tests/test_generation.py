@@ -2,10 +2,11 @@
 
 import torch
 
-from salsa.actors import response_logits
+from salsa.data.synthetic import SyntheticTask
 from salsa.functional import token_logprobs
-from salsa.generation import decode, encode_prompts, response_mask, sample
-from salsa.models import (
+from salsa.models.actors import response_logits
+from salsa.models.generation import decode, encode_prompts, response_mask, sample
+from salsa.models.hf import (
     last_index,
     load_reward_model,
     position_ids_from_mask,
@@ -13,7 +14,6 @@ from salsa.models import (
     tiny_gemma,
     train_word_tokenizer,
 )
-from salsa.task.synthetic import SyntheticTask
 
 
 def _tiny(tmp_path):

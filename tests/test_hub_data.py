@@ -5,8 +5,8 @@ import logging
 import datasets
 import pytest
 
-from salsa.data import prompt_ids
-from salsa.hub_data import DataError, hub_data, split_transcript, text_problem
+from salsa.data.hub import DataError, hub_data, split_transcript, text_problem
+from salsa.data.tokens import prompt_ids
 from tests.hub_fixtures import (
     GOOD,
     PROMPTS,

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from salsa.errors import ConfigError
-from salsa.landscape import (
+from salsa.stages.landscape import (
     LandscapeConfig,
     check_landscape,
     grid_axis,

@@ -14,18 +14,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from salsa.cache import Entry
-from salsa.lora import (
-    AdapterError,
-    BaseSettings,
-    LoraSettings,
-    SharedBase,
-    build_adapter_actors,
-    load_base,
-    quantization_config,
-    read_adapter,
-)
-from salsa.soup import soup_lora_adapters
+from salsa.infra.cache import Entry
+from salsa.merge.soup import soup_lora_adapters
+from salsa.models.adapter_actors import build_adapter_actors
+from salsa.models.qlora import AdapterError, BaseSettings, LoraSettings, load_base, quantization_config
+from salsa.models.shared_base import SharedBase, read_adapter
 from tests.hub_fixtures import ARCHS, tiny_checkpoint
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -146,7 +139,7 @@ def test_reference_is_base_plus_mean_delta_and_policy_starts_there(plan):
             b = factors[a_name.replace("lora_A", "lora_B")]
             state[target] = state[target] + scale * (b.float() @ factors[a_name].float()) / len(ingredients)
     expected_model.load_state_dict(state)
-    from salsa.actors import response_logits
+    from salsa.models.actors import response_logits
 
     expected = response_logits(expected_model, seq, mask, p)
     torch.testing.assert_close(ref, expected, rtol=1e-4, atol=1e-4)
@@ -179,12 +172,12 @@ def test_training_moves_policy_only_and_saved_adapters_load_with_plain_peft(plan
     plain = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=quant, device_map="cpu"), tmp_path / "policy"
     ).eval()
-    from salsa.actors import response_logits
+    from salsa.models.actors import response_logits
 
     with torch.no_grad():
         torch.testing.assert_close(response_logits(plain, seq, mask, p), policy, rtol=1e-4, atol=1e-4)
     # the reward adapter (LoRA + score head) loads with plain peft too, and scores as the shared-base reward does
-    from salsa.models import sequence_scores
+    from salsa.models.hf import sequence_scores
 
     reward = PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1, quantization_config=quant), rm
@@ -210,7 +203,7 @@ def test_checkpointed_recompute_uses_each_forwards_adapters(tmp_path):
         shared._add("policy", LoraSettings(r=2, alpha=4, target_modules=TARGETS).config(init_lora_weights=False), True)
         seq = torch.randint(3, 40, (2, 8))
         mask = torch.ones_like(seq)
-        from salsa.models import scalar_head_outputs
+        from salsa.models.hf import scalar_head_outputs
 
         logits = shared.causal(["policy"])(input_ids=seq, attention_mask=mask).logits
         values = scalar_head_outputs(shared.scalar(["value"], "value"), seq, mask)

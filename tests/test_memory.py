@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from salsa.memory import (
+from salsa.models.memory import (
     activation_bytes,
     adam_bytes,
     estimate,

@@ -2,11 +2,11 @@
 
 import pytest
 
-from salsa.context import Context
-from salsa.data import LMDataset
-from salsa.models import load_causal_lm, load_tokenizer
+from salsa.data.tokens import LMDataset
+from salsa.infra.context import Context
+from salsa.models.hf import load_causal_lm, load_tokenizer
 from salsa.pipeline import run
-from salsa.stages.sft import heldout_loss
+from salsa.stages.lm import heldout_loss
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.image import imread
 
-from salsa.plots import frontier_figure, landscape_figure, ppo_curves_figure, save_png
+from salsa.analysis.plots import frontier_figure, landscape_figure, ppo_curves_figure, save_png
 
 
 def informative_png(path: Path, min_side: int = 100) -> bool:

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from salsa.context import Context
-from salsa.models import load_causal_lm, load_tokenizer
+from salsa.algorithms.ppo import PPOConfig, PPOModule, iteration_prompts
+from salsa.infra.context import Context
+from salsa.models.hf import load_causal_lm, load_tokenizer
 from salsa.pipeline import run
-from salsa.stages.ppo import PPOConfig, PPOModule, build_actors, iteration_prompts
+from salsa.stages.ppo import build_actors
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.slow

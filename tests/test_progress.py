@@ -5,9 +5,9 @@ import sys
 import pytest
 from pytorch_lightning import Callback
 
-from salsa import progress
-from salsa.context import Context
-from salsa.progress import StageProgressBar, track
+from salsa.infra import progress
+from salsa.infra.context import Context
+from salsa.infra.progress import StageProgressBar, track
 from tests.conftest import make_cfg
 
 

@@ -10,8 +10,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from salsa.context import Context
-from salsa.export import question_turns
+from salsa.data.benchmarks import question_turns
+from salsa.infra.context import Context
 from salsa.pipeline import run
 from tests.conftest import make_cfg
 from tests.hub_fixtures import tiny_checkpoint, ultrafeedback_dir, write_jsonl
@@ -87,9 +87,9 @@ def test_qlora_pipeline_on_local_checkpoint_and_files(tmp_path):
 
 def test_qlora_training_checkpoints_hold_adapters_only(tmp_path):
     """The SFT and reward modules' checkpoints (what resume writes every interval) hold no base weights."""
-    from salsa.lora import BaseSettings, LoraSettings, new_adapter_model
+    from salsa.models.qlora import BaseSettings, LoraSettings, new_adapter_model
+    from salsa.stages.lm import SFTModule
     from salsa.stages.rm import RewardModule
-    from salsa.stages.sft import SFTModule
 
     ckpt = tiny_checkpoint(tmp_path / "llama", "llama")
     settings = BaseSettings(str(ckpt), lora=LoraSettings(r=2, target_modules=["q_proj"]))

@@ -16,9 +16,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from salsa.actors import FullActors
-from salsa.cache import StageCache
-from salsa.guards import NonFiniteError
+from salsa.infra.cache import StageCache
+from salsa.infra.guards import NonFiniteError
+from salsa.models.actors import FullActors
 from salsa.runner import train
 from tests.conftest import ROOT, make_cfg
 from tests.hub_fixtures import ultrafeedback_dir, write_jsonl
@@ -111,8 +111,8 @@ def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """An SFT build that dies after its first checkpoint resumes from it and ends with the same weights."""
     from safetensors.torch import load_file
 
-    from salsa import training
-    from salsa.context import Context
+    from salsa.infra import training
+    from salsa.infra.context import Context
     from salsa.pipeline import run
 
     args = ("stage=sft", "ref=sft", "sft.ckpt_every=1", "sft.epochs=2")
@@ -277,7 +277,7 @@ BAD_INPUTS = {
     "empty data file": (["data=ultrafeedback", "data.path={empty_split}"], "test_prefs.jsonl is empty"),
     "data file lacks a column": (["data=ultrafeedback", "data.path={no_column}"], "no column 'chosen'"),
     "different architectures": (
-        [["-m", "salsa.soup", "{good}", "{wide}", "--out", "{root}/soup"]],
+        [["-m", "salsa.merge.soup", "{good}", "{wide}", "--out", "{root}/soup"]],
         "differ in architecture",
     ),
 }

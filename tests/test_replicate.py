@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from salsa.replicate import Job, head_to_head, landscape_table, overoptimisation, smooth, win_rates
+from salsa.analysis.replicate import Job, head_to_head, landscape_table, overoptimisation, smooth, win_rates
 
 
 def _job(ref: str, seed: int, policy: list[float], ppo: list[float], sft: list[float], history=None) -> Job:

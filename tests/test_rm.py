@@ -6,9 +6,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from salsa.models import load_reward_model, tiny_gemma, train_word_tokenizer
+from salsa.data.synthetic import Pair, SyntheticTask
+from salsa.models.hf import load_reward_model, tiny_gemma, train_word_tokenizer
 from salsa.stages.rm import PairDataset, RewardModule, pair_batch
-from salsa.task.synthetic import Pair, SyntheticTask
 
 
 def test_reward_model_learns_a_visible_preference(tmp_path):

@@ -4,8 +4,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from salsa.context import Context
-from salsa.distributed import is_global_zero, rank_name
+from salsa.infra.context import Context
+from salsa.infra.distributed import is_global_zero, rank_name
 from salsa.stages.base import run_base
 from tests.conftest import CONF, make_cfg
 
@@ -61,7 +61,7 @@ def test_other_ranks_build_in_scratch_and_publish_nothing(tmp_path, monkeypatch)
     cfg = make_cfg(tmp_path, "logger=none", "extras.keep_rank_outputs=true")
     ctx = Context.from_cfg(cfg)
     spec = {"x": 1}
-    from salsa.cache import stage_key
+    from salsa.infra.cache import stage_key
 
     key = stage_key("sft", spec)
     resume = ctx.cache.root / "sft" / f"{key}.partial" / "checkpoints"

@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GemmaConfig, GemmaForCausalLM
 
-from salsa.soup import (
+from salsa.merge.soup import (
     SafetensorsReader,
     SoupError,
     average_tensors,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from salsa.stats import bootstrap_draws, comparison_scores, hierarchical_bootstrap
+from salsa.analysis.stats import bootstrap_draws, comparison_scores, hierarchical_bootstrap
 
 
 def test_comparison_scores():

@@ -14,8 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
-from salsa.cache import StageCache
-from salsa.landscape import landscape_job
+from salsa.infra.cache import StageCache
+from salsa.stages.landscape import landscape_job
 from tests.conftest import ROOT, make_cfg
 from tests.test_plots import informative_png
 
@@ -111,7 +111,7 @@ def test_compare_runs_notebook(logs, monkeypatch):
 
 def test_replication_report_from_a_real_sweep(logs, tmp_path):
     """The replication report reads a finished sweep's results, evaluations and PPO histories from the cache."""
-    from salsa.replicate import load_jobs, report
+    from salsa.analysis.replicate import load_jobs, report
 
     jobs, per_prompt = load_jobs(logs / "multirun")
     assert sorted((j.ref, j.kl_coef) for j in jobs) == [("sft", 0.01), ("sft", 0.2), ("soup3", 0.01), ("soup3", 0.2)]
@@ -147,7 +147,7 @@ def test_mlflow_ui_compares_the_sweep_in_chromium(logs, tmp_path):
     """What a person does: open the sweep's runs in `mlflow server` in Chromium, read each run's win rate and
     settings, select two runs and compare them."""
     pytest.importorskip("playwright", reason="needs playwright (part of the dev extra)")
-    from salsa import mlflow_ui
+    from salsa.infra import mlflow_ui
 
     if mlflow_ui.find_chromium() is None:
         pytest.skip("no Chromium installed (Debian: apt-get install chromium; or set SALSA_CHROMIUM)")

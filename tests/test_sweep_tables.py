@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from salsa.sweep import job_results, latest_per_setting, mlflow_results, win_rate_table
+from salsa.analysis.sweep import job_results, latest_per_setting, mlflow_results, win_rate_table
 
 
 def write_job(sweep_dir, n, ref, kl_coef, win_rate, kl_to_ref):

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from salsa.task.synthetic import (
+from salsa.data.synthetic import (
     GOLD_WEIGHTS,
     SyntheticTask,
     gold_components,

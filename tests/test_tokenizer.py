@@ -2,9 +2,9 @@
 
 from transformers import AutoTokenizer
 
-from salsa.data import prompt_ids, response_ids
-from salsa.models import train_word_tokenizer
-from salsa.task.synthetic import SyntheticTask
+from salsa.data.synthetic import SyntheticTask
+from salsa.data.tokens import prompt_ids, response_ids
+from salsa.models.hf import train_word_tokenizer
 
 
 def _tokenizer():

@@ -3,8 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from salsa.sweep import swept_params
-from salsa.tracking import key_columns, run_name, view_state
+from salsa.analysis.sweep import swept_params
+from salsa.infra.tracking import key_columns, run_name, view_state
 
 
 def test_run_name_is_the_reference_and_the_overrides_that_matter():

@@ -1,6 +1,6 @@
 """The SALSA pipeline: base → SFT ingredients → soup → reward model → PPO against the reference → evaluation.
 
-Each stage comes from the stage cache when an identical one was built before (see `salsa.cache`).
+Each stage comes from the stage cache when an identical one was built before (see `salsa.infra.cache`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from salsa.cache import Entry
-from salsa.context import Context
+from salsa.config import STAGES
+from salsa.infra.cache import Entry
+from salsa.infra.context import Context
 from salsa.stages.base import run_base
 from salsa.stages.evaluate import run_eval
 from salsa.stages.export import run_export
@@ -22,7 +23,6 @@ from salsa.stages.ppo import run_ppo
 from salsa.stages.rm import run_rm
 from salsa.stages.sft import run_sft
 from salsa.stages.soup import run_soup
-from salsa.validate import STAGES
 
 log = logging.getLogger("salsa")
 

@@ -13,12 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from salsa import progress
-from salsa.context import Context
-from salsa.distributed import is_global_zero
+from salsa.analysis.report import report_job, sweep_tags
+from salsa.infra import progress
+from salsa.infra.context import Context
+from salsa.infra.distributed import is_global_zero
+from salsa.infra.tracking import Tracker, run_name
 from salsa.pipeline import run, write_results
-from salsa.report import report_job, sweep_tags
-from salsa.tracking import Tracker, run_name
 
 log = logging.getLogger("salsa")
 

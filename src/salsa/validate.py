@@ -16,14 +16,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from salsa.config import KL_ESTIMATORS, QUANT, SOUP_METHODS, STAGES
+from salsa.data.benchmarks import BENCHMARKS
+from salsa.data.schemas import SPLIT_COLUMNS, DataFileError, check_local_dataset
 from salsa.errors import CheckpointError, ConfigError
-from salsa.export import BENCHMARKS
-from salsa.schemas import SPLIT_COLUMNS, DataFileError, check_local_dataset
-
-STAGES = ("base", "sft", "soup", "rm", "ppo", "eval")
-SOUP_METHODS = ("uniform", "weighted", "greedy")
-KL_ESTIMATORS = ("k1", "k3")
-QUANT = ("nf4", "none")  # model.quant of hub/local checkpoints (salsa.lora)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from salsa.cache import Entry
-from salsa.context import Context, log, plain
-from salsa.data import LMDataset
-from salsa.models import num_parameters, tiny_gemma, train_word_tokenizer
-from salsa.stages.sft import fit_lm, heldout_loss
+from salsa.data.tokens import LMDataset
+from salsa.infra.cache import Entry
+from salsa.infra.context import Context, log, plain
+from salsa.models.hf import num_parameters, tiny_gemma, train_word_tokenizer
+from salsa.stages.lm import fit_lm, heldout_loss
 
 
 def task_texts(data) -> list[str]:

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from salsa.cache import Entry
-from salsa.context import Context, log, plain
-from salsa.data import report_long_prompts
+from salsa.data.tokens import report_long_prompts
 from salsa.functional import adjusted_win_rate, token_logprobs
-from salsa.generation import decode, encode_prompts, sample
-from salsa.lora import model_loader
-from salsa.models import load_tokenizer, sequence_scores
-from salsa.progress import track
+from salsa.infra.cache import Entry
+from salsa.infra.context import Context, log, plain
+from salsa.infra.progress import track
+from salsa.models.generation import decode, encode_prompts, sample
+from salsa.models.hf import load_tokenizer, sequence_scores
+from salsa.models.loaders import model_loader
 
 EXPORT_KEYS = ("export", "answers")  # settings of the export stage, which do not change the evaluation
 
@@ -28,7 +28,7 @@ EXPORT_KEYS = ("export", "answers")  # settings of the export stage, which do no
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None, name: str = "model") -> dict:
     """Sample answers in batches; return texts, ended flags, RM scores and (with a reference) sequence KLs."""
-    from salsa.actors import response_logits
+    from salsa.models.actors import response_logits
 
     torch.manual_seed(e.seed)  # every model sees the same sampling noise
     texts, ended, scores, kls = [], [], [], []

@@ -10,16 +10,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy
 
-from salsa.cache import Entry
-from salsa.context import Context, log, plain
-from salsa.data import pad_right, prompt_ids, response_ids
+from salsa.data.synthetic import Pair
+from salsa.data.tokens import pad_right, prompt_ids, response_ids
 from salsa.functional import bradley_terry_loss, warmup_cosine
-from salsa.guards import check_finite
-from salsa.lora import BaseSettings, new_adapter_model, uses_adapters
-from salsa.models import load_reward_model, load_tokenizer, sequence_scores
-from salsa.stages.sft import planned_loader
-from salsa.task.synthetic import Pair
-from salsa.training import fit_resumable, step_seed
+from salsa.infra.cache import Entry
+from salsa.infra.context import Context, log, plain
+from salsa.infra.guards import check_finite
+from salsa.infra.training import fit_resumable, step_seed
+from salsa.models.hf import load_reward_model, load_tokenizer, sequence_scores
+from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
+from salsa.stages.lm import planned_loader
 
 
 class PairDataset(Dataset):

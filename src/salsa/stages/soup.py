@@ -6,12 +6,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from salsa.cache import Entry
-from salsa.context import Context, log, plain
-from salsa.lora import model_loader
-from salsa.models import load_tokenizer
-from salsa.soup import SoupError, greedy_soup, soup_checkpoints, soup_lora_adapters
-from salsa.stages.sft import heldout_loss, sft_val_dataset
+from salsa.infra.cache import Entry
+from salsa.infra.context import Context, log, plain
+from salsa.merge.soup import SoupError, greedy_soup, soup_checkpoints, soup_lora_adapters
+from salsa.models.hf import load_tokenizer
+from salsa.models.loaders import model_loader
+from salsa.stages.lm import heldout_loss
+from salsa.stages.sft import sft_val_dataset
 
 METHODS = ("uniform", "weighted", "greedy")
 

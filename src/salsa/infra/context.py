@@ -15,11 +15,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from salsa.cache import MANIFEST, Entry, StageCache, stage_key
-from salsa.data import TaskData
-from salsa.distributed import barrier, broadcast_from_zero, connected, is_global_zero, rank_name
-from salsa.tracking import Tracker
-from salsa.training import CKPT_DIR
+from salsa.data.task import TaskData
+from salsa.infra.cache import MANIFEST, Entry, StageCache, stage_key
+from salsa.infra.distributed import barrier, broadcast_from_zero, connected, is_global_zero, rank_name
+from salsa.infra.tracking import Tracker
+from salsa.infra.training import CKPT_DIR
 
 log = logging.getLogger("salsa")
 

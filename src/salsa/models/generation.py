@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from salsa.data import pad_left, prompt_ids
+from salsa.data.tokens import pad_left, prompt_ids
 from salsa.functional import token_logprobs
 
 

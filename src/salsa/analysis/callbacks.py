@@ -27,9 +27,9 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         # heavy imports here: Hydra also instantiates callbacks in every job process
-        from salsa.plots import frontier_figure, save_png
-        from salsa.sweep import job_results, swept_params, win_rate_table
-        from salsa.tracking import Tracker, key_columns, view_state
+        from salsa.analysis.plots import frontier_figure, save_png
+        from salsa.analysis.sweep import job_results, swept_params, win_rate_table
+        from salsa.infra.tracking import Tracker, key_columns, view_state
 
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = job_results(sweep_dir)

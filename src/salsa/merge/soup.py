@@ -274,7 +274,7 @@ def soup_checkpoints(
             raise SoupError(f"non-floating tensor {name} differs between ingredients")
         return first
 
-    from salsa.progress import track  # here, so the soup command line does not load Lightning
+    from salsa.infra.progress import track  # here, so the soup command line does not load Lightning
 
     shards = checkpoint_shards(paths[0])
     try:
@@ -365,14 +365,14 @@ def soup_lora_adapters(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line: python -m salsa.soup --out DIR [--weights W ...] INGREDIENT INGREDIENT [...]
+# Command line: python -m salsa.merge.soup --out DIR [--weights W ...] INGREDIENT INGREDIENT [...]
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> None:
     """Average Hugging Face checkpoints (or peft LoRA adapters on one base) into a new directory."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m salsa.soup", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m salsa.merge.soup", description=main.__doc__)
     parser.add_argument("ingredients", nargs="+", help="checkpoint or adapter directories of the same architecture")
     parser.add_argument("--out", required=True, help="new directory for the soup")
     parser.add_argument("--weights", type=float, nargs="+", help="one weight per ingredient (normalised); default 1/N")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from salsa.tracking import flatten
+from salsa.infra.tracking import flatten
 
 SETTING = ["ref", "kl_coef"]  # what a `kl_coef × ref` sweep varies
 

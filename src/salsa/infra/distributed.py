@@ -3,7 +3,7 @@
 Lightning's DDP launcher re-runs the whole command for ranks 1..N-1 when rank 0 first calls `fit`, and torchrun or
 SLURM start every rank at once; either way every rank runs the whole pipeline. Rank 0 owns the stage cache: it builds
 and publishes. The other ranks join each build that trains (its collectives need every rank) in a scratch
-directory, publish nothing, and afterwards read what rank 0 published (see `salsa.context.Context.build`).
+directory, publish nothing, and afterwards read what rank 0 published (see `salsa.infra.context.Context.build`).
 """
 
 from __future__ import annotations

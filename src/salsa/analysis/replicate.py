@@ -10,7 +10,7 @@
   over-optimisation along PPO's iterations, and the paper's numbers beside ours;
 - `frontier.png`: gold and RM reward against KL, one curve per reference.
 
-`python -m salsa.replicate --sweep <sweep dir> --out <dir>` writes the same report from a finished sweep.
+`python -m salsa.analysis.replicate --sweep <sweep dir> --out <dir>` writes the same report from a finished sweep.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from salsa.stats import comparison_scores, hierarchical_bootstrap
+from salsa.analysis.stats import comparison_scores, hierarchical_bootstrap
 
 log = logging.getLogger("salsa")
 
@@ -63,7 +63,7 @@ class Job:
 
 def load_jobs(sweep_dir: str | Path) -> tuple[list[Job], int]:
     """The sweep's finished jobs and the number of samples per prompt of their evaluation."""
-    from salsa.cache import StageCache
+    from salsa.infra.cache import StageCache
     from salsa.stages.ppo import HISTORY, read_history
 
     jobs, per_prompt = [], set()
@@ -279,7 +279,7 @@ def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land
 def write_report(jobs: Sequence[Job], per_prompt: int, out_dir: str | Path, landscapes: dict[int, dict] | None = None,
                  n_boot: int = 2000) -> dict[str, Path]:  # fmt: skip
     """Write replication.csv, replication.md and frontier.png into `out_dir`."""
-    from salsa.plots import frontier_figure, save_png
+    from salsa.analysis.plots import frontier_figure, save_png
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,9 +299,9 @@ def write_report(jobs: Sequence[Job], per_prompt: int, out_dir: str | Path, land
 
 def seed_landscapes(sweep_dir: str | Path, conf_dir: Path) -> dict[int, dict]:
     """The reward landscape through each seed's ingredients (built once, then cached like any stage)."""
-    from salsa.context import Context
-    from salsa.landscape import run_landscape
-    from salsa.tracking import Tracker
+    from salsa.infra.context import Context
+    from salsa.infra.tracking import Tracker
+    from salsa.stages.landscape import run_landscape
 
     defaults = OmegaConf.load(conf_dir / "landscape.yaml").landscape
     out: dict[int, dict] = {}
@@ -330,16 +330,19 @@ def report(sweep_dir: Path, out_dir: Path, landscape: bool = True, n_boot: int =
     from salsa.runner import quiet_libraries
 
     quiet_libraries()
-    root = Path(__file__).resolve().parents[2]
+    from salsa.config import CONF_DIR
+
     jobs, per_prompt = load_jobs(sweep_dir)
-    landscapes = seed_landscapes(sweep_dir, root / "conf") if landscape else {}
+    landscapes = seed_landscapes(sweep_dir, CONF_DIR) if landscape else {}
     paths = write_report(jobs, per_prompt, out_dir, landscapes, n_boot)
     log.info("replication report: %s", ", ".join(str(p) for p in paths.values()))
     return paths
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m salsa.replicate", description="The replication report of a sweep.")
+    parser = argparse.ArgumentParser(
+        prog="python -m salsa.analysis.replicate", description="The replication report of a sweep."
+    )
     parser.add_argument(
         "--sweep", required=True, help="the sweep directory of `python src/train.py -m experiment=replicate`"
     )

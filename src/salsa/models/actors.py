@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from salsa.models import position_ids_from_mask, scalar_head_outputs, sequence_scores
+from salsa.models.hf import position_ids_from_mask, scalar_head_outputs, sequence_scores
 
 
 def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:

@@ -25,19 +25,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from salsa import progress
-from salsa.cache import Entry
-from salsa.context import Context, log, plain
+from salsa.analysis.plots import landscape_figure, save_png
 from salsa.errors import ConfigError
-from salsa.models import load_causal_lm, load_reward_model, load_tokenizer
+from salsa.infra import progress
+from salsa.infra.cache import Entry
+from salsa.infra.context import Context, log, plain
+from salsa.infra.tracking import Tracker
+from salsa.models.hf import load_causal_lm, load_reward_model, load_tokenizer
 from salsa.pipeline import reference
-from salsa.plots import landscape_figure, save_png
 from salsa.runner import output_dir, prepare
 from salsa.stages.base import run_base
 from salsa.stages.evaluate import answer
 from salsa.stages.rm import run_rm
 from salsa.stages.sft import run_sft
-from salsa.tracking import Tracker
 from salsa.validate import positive_int
 
 Params = Mapping[str, torch.Tensor]

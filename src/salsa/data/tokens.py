@@ -1,65 +1,18 @@
-"""Task data (what the stages train and judge on) and the tokenisation shared by every stage.
-
-A task is a `TaskData`: plain documents for pretraining the tiny base model, SFT demonstrations, preference pairs,
-prompts for PPO and for evaluation, and optionally a gold judge. `data=synthetic` builds one from the embedded task.
-"""
+"""Tokenisation shared by every stage: one place decides how a prompt and a response become token ids."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
-from salsa.task.synthetic import Example, Pair, SyntheticTask, gold_reward
+from salsa.data.synthetic import Example
 
 IGNORE = -100  # label value ignored by the cross-entropy loss
 log = logging.getLogger("salsa")
 
 
-@dataclass
-class TaskData:
-    name: str
-    sft_train: list[Example]
-    sft_val: list[Example]
-    pairs_train: list[Pair]
-    pairs_val: list[Pair]
-    prompts_train: list[str]
-    prompts_eval: list[str]
-    pretrain: list[str] = field(default_factory=list)
-    judge: Callable[[str, str, bool], float] | None = None  # gold reward r*(prompt, response, ended)
-
-
-def synthetic_data(
-    seed: int = 0,
-    rater_temperature: float = 1.0,
-    n_pretrain: int = 8000,
-    n_sft: int = 4000,
-    n_sft_val: int = 400,
-    n_pairs: int = 3000,
-    n_pairs_val: int = 500,
-    n_prompts: int = 2000,
-    n_eval_prompts: int = 200,
-) -> TaskData:
-    task = SyntheticTask(seed, rater_temperature)
-    sft = task.sft_examples(n_sft + n_sft_val)
-    return TaskData(
-        name="synthetic",
-        pretrain=task.pretrain_documents(n_pretrain),
-        sft_train=sft[:n_sft],
-        sft_val=sft[n_sft:],
-        pairs_train=task.preference_pairs(n_pairs, "train"),
-        pairs_val=task.preference_pairs(n_pairs_val, "val"),
-        prompts_train=task.prompts(n_prompts, "train"),
-        prompts_eval=task.prompts(n_eval_prompts, "eval"),
-        judge=gold_reward,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenisation: one place decides how a prompt and a response become token ids
-# ---------------------------------------------------------------------------------------------------------------
 def prompt_ids(tokenizer, prompt: str, max_length: int | None = None) -> list[int]:
     """Token ids of a user turn ready for the assistant's answer (the tokenizer's chat template when it has one)."""
     if getattr(tokenizer, "chat_template", None):

@@ -1,7 +1,7 @@
 """GPU memory of a PPO run under the QLoRA plan, estimated from the model's config alone (meta device, no weights).
 
-    python -m salsa.memory model=gemma2b                       # any Hydra override of src/train.py works
-    python -m salsa.memory experiment=paper_llama2_7b ppo.batch_size=16 ppo.response_length=256
+    python -m salsa.models.memory model=gemma2b                       # any Hydra override of src/train.py works
+    python -m salsa.models.memory experiment=paper_llama2_7b ppo.batch_size=16 ppo.response_length=256
 
 The model is built on the meta device from the preset's shipped config (`model.arch`), so nothing is downloaded.
 Sizes come from the config: rollout batch `ppo.batch_size`, training minibatch `ppo.batch_size / num_minibatches`,
@@ -264,14 +264,14 @@ def report(parts: dict[str, float], info: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     import os
-    from pathlib import Path
 
     from hydra import compose, initialize_config_dir
 
-    root = Path(__file__).resolve().parents[2]
-    os.environ.setdefault("SALSA_ROOT", str(root))
+    from salsa.config import CONF_DIR, REPO_ROOT
+
+    os.environ.setdefault("SALSA_ROOT", str(REPO_ROOT))
     overrides = list(sys.argv[1:] if argv is None else argv)
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     text = report(*estimate_from_cfg(cfg))
     print(text)

@@ -2,7 +2,7 @@
 
 The browser test uses it to check that a person can compare runs there, and
 
-    python -m salsa.mlflow_ui --out docs/mlflow_runs.png      # [--log-dir logs] [--view <id>]
+    python -m salsa.infra.mlflow_ui --out docs/mlflow_runs.png      # [--log-dir logs] [--view <id>]
 
 regenerates the README's screenshot from the newest sweep's saved view (or the experiment's `salsa-results` view).
 Chromium comes from the system (Debian: `apt-get install chromium`; or set SALSA_CHROMIUM to a Chrome/Chromium
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from salsa.errors import SalsaError
-from salsa.tracking import RESULTS_VIEW, VIEW_TAG
+from salsa.infra.tracking import RESULTS_VIEW, VIEW_TAG
 
 # headless, and quiet on a closed network: no background fetches, updates, sync or QUIC
 CHROMIUM_ARGS = [
@@ -160,7 +160,7 @@ def runs_url(base: str, tracking_uri: str, view: str, experiment: str = "salsa")
 
 def main(argv: list[str] | None = None) -> None:
     root = Path(os.environ.get("SALSA_ROOT", Path.cwd()))
-    parser = argparse.ArgumentParser(prog="python -m salsa.mlflow_ui", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m salsa.infra.mlflow_ui", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-dir", type=Path, default=root / "logs", help="paths.log_dir of the runs (logs/)")
     parser.add_argument("--experiment", default="salsa", help="MLflow experiment (task_name)")
     parser.add_argument("--view", help="a saved view's id (default: the newest sweep's, else salsa-results)")

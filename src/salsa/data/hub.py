@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from salsa import schemas
-from salsa.data import TaskData
+from salsa.data import schemas
+from salsa.data.schemas import FORMATS
+from salsa.data.synthetic import Example, Pair
+from salsa.data.task import TaskData
 from salsa.errors import SalsaError
-from salsa.schemas import FORMATS
-from salsa.task.synthetic import Example, Pair
 
 log = logging.getLogger("salsa")
 
@@ -49,7 +49,7 @@ class Splits(NamedTuple):
 # Reading splits
 # ---------------------------------------------------------------------------------------------------------------
 def split_file(path: str | os.PathLike, split: str) -> Path:
-    """The local file of `split` under `path` (see `salsa.schemas`)."""
+    """The local file of `split` under `path` (see `salsa.data.schemas`)."""
     try:
         return schemas.split_file(path, split)
     except schemas.DataFileError as e:

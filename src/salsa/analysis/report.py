@@ -6,9 +6,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from salsa.cache import Entry
-from salsa.plots import PPO_PANELS, Series, ppo_curves_figure, save_png
-from salsa.tracking import Tracker
+from salsa.analysis.plots import PPO_PANELS, Series, ppo_curves_figure, save_png
+from salsa.infra.cache import Entry
+from salsa.infra.tracking import Tracker
 
 log = logging.getLogger("salsa")
 

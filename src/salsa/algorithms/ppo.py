@@ -1,0 +1,231 @@
+"""PPO with a per-token KL penalty to a frozen reference — an SFT model (PPO) or a soup of them (SALSA).
+
+One Lightning epoch is one PPO iteration:
+  1. generate   responses for a batch of prompts (KV cache, left padding, temperature); logprobs from the same pass
+  2. score      reference logprobs, values, and the reward model's score at each response's last token
+  3. KL         per-token KL estimate to the reference (k1 or k3)
+  4. shape      reward = score at the last token − kl_coef · KL at every token (− a penalty if it never ended)
+  5. GAE        advantages and returns (γ, λ), then whiten the advantages
+  6. update     several epochs × minibatches of the clipped policy loss + clipped value loss
+  7. adapt      the KL coefficient, if a target KL is set
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from salsa.data.tokens import report_long_prompts
+from salsa.functional import (
+    AdaptiveKLController,
+    gae,
+    kl_estimate,
+    kl_k1,
+    kl_k3,
+    logprobs_and_entropy,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    shaped_rewards,
+    token_logprobs,
+)
+from salsa.infra.guards import check_finite
+from salsa.models.actors import FullActors
+from salsa.models.generation import Samples, decode, encode_prompts, sample
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 30  # PPO iterations (rollout + update), one Lightning epoch each
+    batch_size: int = 64  # prompts per rollout, per process
+    num_minibatches: int = 2  # minibatches per PPO epoch; must divide batch_size
+    ppo_epochs: int = 2  # passes over each rollout
+    lr: float = 1e-4  # AdamW learning rate for policy and value
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping
+    response_length: int = 40  # max new tokens per response
+    max_prompt_length: int = 32  # longer prompts keep their last tokens
+    temperature: float = 1.0  # sampling temperature; the policy optimised is π at this temperature
+    kl_coef: float = 0.05  # β of the per-token KL penalty (initial value when target_kl is set)
+    kl_estimator: str = "k1"  # k1 = log π − log π_ref (unbiased); k3 = (r − 1) − log r (≥ 0, lower variance)
+    target_kl: float | None = None  # sequence KL the adaptive controller aims for; None = fixed kl_coef
+    kl_horizon: float = 10000.0  # adaptive controller horizon, in samples
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE λ
+    clip: float = 0.2  # policy ratio clip ε
+    value_clip: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss
+    whiten_rewards: bool = False  # whiten shaped rewards before GAE
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses that never end
+    seed: int = 0  # prompt order, sampling and minibatch order
+    ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
+
+    @classmethod
+    def from_cfg(cls, node) -> PPOConfig:
+        known = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def iteration_prompts(n_prompts: int, batch_size: int, seed: int, iteration: int, rank: int, world: int) -> list[int]:
+    """Indices of the prompts rank `rank` rolls out at `iteration`: a fresh draw per iteration, disjoint across ranks,
+    a pure function of (seed, iteration) so a resumed run sees the same prompts."""
+    rng = np.random.default_rng([seed, iteration])
+    idx = rng.choice(n_prompts, size=batch_size * world, replace=batch_size * world > n_prompts)
+    return idx[rank * batch_size : (rank + 1) * batch_size].tolist()
+
+
+class _OneBatch(torch.utils.data.Dataset):
+    """One item per epoch: the module picks the iteration's prompts itself (see `iteration_prompts`)."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class PPOModule(pl.LightningModule):
+    def __init__(self, actors: FullActors, tokenizer, prompts: list[str], config: PPOConfig, judge=None):
+        super().__init__()
+        if config.batch_size % config.num_minibatches:
+            raise ValueError(
+                f"ppo.batch_size ({config.batch_size}) must be divisible by "
+                f"ppo.num_minibatches ({config.num_minibatches})"
+            )
+        self.actors, self.tokenizer, self.prompts, self.config, self.judge = actors, tokenizer, prompts, config, judge
+        self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.last_stats: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []  # one row per iteration, written to the stage's history.csv
+        self.save_hyperparameters(asdict(config))
+
+    # -- 1-5: rollout ----------------------------------------------------------------------------------------------
+    def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> Samples:
+        c = self.config
+        return sample(self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature)
+
+    # inference mode: no autograd bookkeeping; the update's minibatch indexing turns these into ordinary tensors
+    @torch.inference_mode()
+    def rollout(self, prompts: list[str], iteration: int) -> dict:
+        c = self.config
+        torch.manual_seed(c.seed * 1_000_003 + iteration)  # sampling is a function of (seed, iteration): resumable
+        query, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, self.device)
+        s: Samples = self.generate(query, query_mask)
+        seq, attn, mask, P = s.sequences, s.attention_mask, s.response_mask, query.size(1)
+
+        ref_logp = token_logprobs(self.actors.reference_logits(seq, attn, P), s.response, c.temperature) * mask
+        values = self.actors.values(seq, attn, P) * mask
+        score = self.actors.scores(seq, attn)
+        check_finite(
+            {"policy logprobs": s.logprobs, "reference logprobs": ref_logp, "values": values, "rm score": score},
+            iteration,
+            "iteration",
+        )
+        if c.missing_eos_penalty is not None:
+            score = score - c.missing_eos_penalty * (~s.ended).float()
+
+        kl = kl_estimate(s.logprobs, ref_logp, c.kl_estimator) * mask
+        rewards = shaped_rewards(score, kl, mask, self.kl_ctl.value)
+        if c.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
+        advantages = masked_whiten(advantages, mask)
+
+        stats = {
+            "ppo/rm_reward": score.mean(),
+            "ppo/kl": (kl_k1(s.logprobs, ref_logp) * mask).sum(1).mean(),
+            "ppo/kl_k3": (kl_k3(s.logprobs, ref_logp) * mask).sum(1).mean(),
+            "ppo/non_score_reward": (-self.kl_ctl.value * kl).sum(1).mean(),
+            "ppo/response_length": s.lengths.mean(),
+            "ppo/ended_frac": s.ended.float().mean(),
+            "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
+        }
+        if self.judge is not None:
+            texts = decode(self.tokenizer, s)
+            gold = [self.judge(p, t, bool(e)) for p, t, e in zip(prompts, texts, s.ended.tolist(), strict=True)]
+            stats["ppo/gold_reward"] = torch.tensor(float(np.mean(gold)))
+        batch = {
+            "sequences": seq, "attention_mask": attn, "response": s.response, "mask": mask,
+            "logprobs": s.logprobs, "values": values, "advantages": advantages, "returns": returns,
+        }  # fmt: skip
+        return {"batch": batch, "prompt_len": P, "stats": stats}
+
+    # -- 6: update -------------------------------------------------------------------------------------------------
+    def update(self, batch: dict, prompt_len: int, iteration: int) -> dict[str, torch.Tensor]:
+        c = self.config
+        opt = self.optimizers()
+        n = batch["sequences"].size(0)
+        size = n // c.num_minibatches
+        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + iteration)
+        # every epoch's order drawn up front and moved in one copy: no host-device transfer inside the loop
+        orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(c.ppo_epochs)]).to(self.device)
+        totals: dict[str, list[torch.Tensor]] = {}
+        for order in orders:
+            for start in range(0, n, size):
+                mb = {k: v[order[start : start + size]] for k, v in batch.items()}
+                logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
+                logp, token_entropy = logprobs_and_entropy(logits, mb["response"])  # one log-softmax for both
+                values = self.actors.values(mb["sequences"], mb["attention_mask"], prompt_len)
+                pg_loss, pg_stats = ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip)
+                vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], c.value_clip)
+                loss = pg_loss + c.vf_coef * vf_loss
+                opt.zero_grad()
+                self.manual_backward(loss)
+                self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                with torch.no_grad():
+                    entropy = masked_mean(token_entropy, mb["mask"])
+                step = {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/entropy": entropy}
+                for k, v in {**step, **pg_stats, **vf_stats}.items():
+                    totals.setdefault(k if k.startswith("ppo/") else f"ppo/{k}", []).append(v.detach())
+        means = {k: torch.stack(v).mean() for k, v in totals.items()}
+        check_finite({k: means[k] for k in ("ppo/policy_loss", "ppo/value_loss")}, iteration, "iteration")
+        return means
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        iteration = self.current_epoch
+        c = self.config
+        idx = iteration_prompts(
+            len(self.prompts), c.batch_size, c.seed, iteration, self.global_rank, self.trainer.world_size
+        )
+        out = self.rollout([self.prompts[i] for i in idx], iteration)
+        stats = {**out["stats"], **self.update(out["batch"], out["prompt_len"], iteration)}
+        # 7: adapt the KL coefficient to the observed sequence KL
+        if c.target_kl is not None:
+            kl = self.all_gather(stats["ppo/kl"]).mean().item()
+            self.kl_ctl.update(kl, c.batch_size * self.trainer.world_size)
+        stats = {k: v.float() for k, v in stats.items()}
+        self.log_dict(stats, on_step=True, on_epoch=False, sync_dist=True, batch_size=c.batch_size)
+        self.log("step", float(iteration), on_step=True, on_epoch=False)  # MLflow x-axis = PPO iteration
+        # the values reduced across DDP ranks (each rank rolled out its own prompts)
+        self.last_stats = {k: float(self.trainer.callback_metrics.get(k, v)) for k, v in stats.items()}
+        self.history.append({"iteration": iteration, **self.last_stats})
+
+    def on_fit_start(self) -> None:
+        report_long_prompts(self.tokenizer, self.prompts, self.config.max_prompt_length, "ppo.max_prompt_length")
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_OneBatch(), batch_size=1)
+
+    def configure_optimizers(self):
+        c = self.config
+        return torch.optim.AdamW(self.actors.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay, eps=1e-5)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # frozen models (reference, reward, a shared frozen base) are rebuilt from the cache, not checkpointed
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["kl_controller"] = self.kl_ctl.state_dict()
+        checkpoint["last_stats"] = self.last_stats
+        checkpoint["history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+        self.last_stats = checkpoint.get("last_stats", {})
+        self.history = checkpoint.get("history", [])

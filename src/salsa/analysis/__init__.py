@@ -1,0 +1,1 @@
+"""Reading results: sweep tables, statistics, plots, run reports and the replication report."""

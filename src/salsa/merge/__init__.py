@@ -1,0 +1,1 @@
+"""Model merging: soups of full checkpoints and of LoRA adapters."""

@@ -1,0 +1,223 @@
+"""QLoRA settings and loading: the frozen base (4-bit nf4 under `quant: nf4`), and fresh LoRA adapters on it.
+
+The memory plan (README, "Hub models and QLoRA"): one frozen base in memory; everything else is a LoRA adapter on it,
+switched on per call (`salsa.models.shared_base`):
+  reference = base + the soup's exact adapter (or one SFT ingredient's), frozen;
+  policy    = reference's start + a new trainable adapter whose B is zero, so it starts exactly at that model;
+  value     = a trainable copy of the reward model's adapter + its scalar head;
+  reward    = the reward model's adapter + scalar head, frozen.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+from salsa.config import QUANT
+from salsa.errors import SalsaError
+from salsa.models.hf import load_tokenizer
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+HEAD = "score"  # the scalar head of a *ForSequenceClassification model (saved by peft as a module to save)
+
+
+def peft():
+    """The peft module, imported on first use: it loads bitsandbytes, which runs on the full-weight path need not."""
+    import peft as module
+    import peft.tuners.tuners_utils  # noqa: F401  (BaseTunerLayer)
+
+    return module
+
+
+class AdapterError(SalsaError, ValueError):
+    """An adapter or model setting that cannot be used."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings and loading
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoraSettings:
+    r: int = 16  # rank of every adapter the pipeline trains (SFT ingredients, RM, the PPO policy's delta)
+    alpha: float = 32  # scale = alpha / r
+    dropout: float = 0.05  # LoRA dropout while training SFT and RM (PPO adapters use none: see AdapterActors)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def config(self, task_type: str | None = None, dropout: float | None = None, **extra: Any) -> LoraConfig:
+        return peft().LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout if dropout is None else dropout,
+            target_modules=list(self.target_modules),
+            task_type=task_type,
+            **extra,
+        )
+
+
+@dataclass
+class BaseSettings:
+    """How the frozen base is loaded: `model.*` of a hub/local preset (conf/model/gemma2b.yaml)."""
+
+    name_or_path: str
+    revision: str | None = None
+    quant: str = "nf4"  # nf4 = bitsandbytes 4-bit NormalFloat with double quantisation; none = plain weights
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = True
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self):
+        if self.quant not in QUANT:
+            raise AdapterError(f"model.quant must be one of {QUANT}, got {self.quant!r}")
+        if isinstance(self.lora, Mapping):
+            self.lora = LoraSettings(**self.lora)
+
+    @classmethod
+    def from_cfg(cls, model_cfg: Mapping[str, Any]) -> BaseSettings:
+        from omegaconf import OmegaConf
+
+        m = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+        if not m.get("name_or_path"):
+            raise AdapterError("model.name_or_path is not set: adapters need a hub id or a local checkpoint")
+        known = {k: m[k] for k in cls.__dataclass_fields__ if k in m and m[k] is not None}
+        return cls(**known)
+
+
+def uses_adapters(model_cfg: Mapping[str, Any]) -> bool:
+    """Hub and local checkpoints are never fully fine-tuned: the pipeline trains LoRA adapters on a frozen base."""
+    return bool(model_cfg.get("name_or_path"))
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPUs (QLoRA's compute dtype); float32 on CPU, where bf16 matmuls are slow and inexact."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def quantization_config(quant: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quant not in QUANT:
+        raise AdapterError(f"model.quant must be one of {QUANT}, got {quant!r}")
+    if quant == "none":
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def local_device(device: torch.device | str) -> torch.device:
+    """Each DDP process loads its base onto its own GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def load_base(settings: BaseSettings, device: torch.device | str, scalar_head: bool = False) -> nn.Module:
+    """The frozen base (causal LM, or with a fresh one-output head for the reward model), quantised if asked."""
+    device = local_device(device)
+    dtype = compute_dtype(device)
+    quant = quantization_config(settings.quant, dtype)
+    cls = AutoModelForSequenceClassification if scalar_head else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"num_labels": 1} if scalar_head else {}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device})
+    model = cls.from_pretrained(
+        settings.name_or_path,
+        revision=settings.revision,
+        dtype=dtype,
+        trust_remote_code=settings.trust_remote_code,
+        use_safetensors=True,  # never unpickle downloaded weights
+        **kwargs,
+    )
+    if quant is None:
+        model.to(device)
+    else:
+        portable_4bit_kernels(model)
+    model.requires_grad_(False)
+    for module in model.modules():  # attention dropout is read at construction; PPO's logprobs need it off
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
+def portable_4bit_kernels(model: nn.Module) -> None:
+    """Keep every 4-bit layer on bitsandbytes' portable CPU path, whatever the CPU.
+
+    On CPUs with AVX512-BF16 (Intel Sapphire Rapids and later), bitsandbytes repacks a 4-bit weight into another
+    layout at its first forward in eval mode without gradients, and from then on computes such forwards in bf16.
+    Rollout and reference log-probabilities (no gradients) would then come from other arithmetic than the same
+    model's log-probabilities in the PPO update, so the first importance ratio would not be 1, and results would
+    depend on which CPU ran them. Switching the repack off keeps one layout and float32 arithmetic everywhere; GPUs
+    never take that path.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def enable_checkpointing(model: nn.Module, context_fn=None) -> None:
+    """Non-reentrant activation checkpointing (works with frozen inputs), with an optional recompute context."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers releases before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpoint_trainable_only(module: nn.Module) -> nn.Module:
+    """Make `module`'s state dict (and so Lightning's resume checkpoints) hold only its trainable tensors.
+
+    The frozen base and frozen adapters never change and are reloaded from their own files, so checkpointing them
+    every interval would only cost time and disk (a whole 4-bit base each time); when a checkpoint is loaded their
+    absence is not an error.
+    """
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}  # tied too
+    frozen_modules = {name.rsplit(".", 1)[0] for name in frozen}
+
+    def is_frozen(name: str) -> bool:  # `name` relative to `module`
+        head, sep, _ = name.partition(".weight.")  # the quantisation state 4-bit layers save beside a weight
+        return name in frozen or (bool(sep) and head in frozen_modules)
+
+    def drop(mod, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(prefix) and is_frozen(k[len(prefix) :])]:
+            del state_dict[key]
+
+    def allow_missing(mod, incompatible_keys):  # keys are named from the root module: try each suffix
+        def frozen_key(key: str) -> bool:
+            parts = key.split(".")
+            return any(is_frozen(".".join(parts[i:])) for i in range(len(parts)))
+
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not frozen_key(k)]
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_post_hook(allow_missing)
+    return module
+
+
+def new_adapter_model(settings: BaseSettings, device: torch.device | str, scalar_head: bool = False):
+    """(tokenizer, peft model): a fresh trainable LoRA adapter on the frozen base, for SFT (a causal LM) or the
+    reward model (`scalar_head`: a one-output head, trained and saved with the adapter). Seed torch first: the
+    adapter's initial A is random."""
+    model = load_base(settings, device, scalar_head=scalar_head)
+    if settings.gradient_checkpointing:
+        enable_checkpointing(model)
+    extra = {"task_type": "SEQ_CLS", "modules_to_save": [HEAD]} if scalar_head else {"task_type": "CAUSAL_LM"}
+    adapted = peft().get_peft_model(model, settings.lora.config(**extra))
+    checkpoint_trainable_only(adapted.get_base_model())  # also when the adapted model is trained unwrapped (RM)
+    return base_tokenizer(settings), checkpoint_trainable_only(adapted)
+
+
+def base_tokenizer(settings: BaseSettings):
+    return load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
