@@ -18,5 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    cli.check_argv(sys.argv[1:], ROOT / "conf")  # an unknown config option fails in one line, before Hydra
+    cli.check_argv(sys.argv[1:], ROOT / "conf", "landscape")  # a bad option or key fails in one line, before Hydra
     main()

@@ -21,5 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    cli.check_argv(sys.argv[1:], ROOT / "conf")  # an unknown config option fails in one line, before Hydra
+    cli.check_argv(sys.argv[1:], ROOT / "conf")  # a bad option or key fails in one line, before Hydra
     main()

@@ -11,12 +11,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from salsa.cli import register_resolvers
+from salsa.cli import register
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 os.environ.setdefault("SALSA_ROOT", str(ROOT))
-register_resolvers()
+register()
 
 
 def make_cfg(log_dir: Path | str, *overrides: str, debug: bool = True, config_name: str = "train") -> DictConfig:

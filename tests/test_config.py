@@ -52,3 +52,32 @@ def test_run_dir_is_resolved_once_per_config(tmp_path):
     cfg = OmegaConf.create({"dir": f"${{salsa.unique_dir:{tmp_path}/run}}"})
     assert cfg.dir == cfg.dir == str(tmp_path / "run")
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_misspelled_key_in_an_experiment_file_is_one_line(tmp_path):
+    """The typed config refuses a key it does not know wherever it comes from; the message names the key and file."""
+    import shutil
+
+    from salsa.cli import composition_error
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "typo.yaml").write_text("# @package _global_\nppo:\n  kl_cof: 0.1\n")
+    message = composition_error(["experiment=typo"], conf, "train")
+    assert message == "ppo.kl_cof: no such key (did you mean kl_coef?) (in experiment/typo.yaml)"
+    assert composition_error(["experiment=example", "ppo.kl_coef=0.1,0.2", "-m"], conf, "train") is None
+    assert composition_error(["rm.lr=fast"], conf, "train").startswith("rm.lr: ")
+
+
+def test_each_group_has_a_typed_config_and_checks(tmp_path):
+    """Every YAML group merges into its dataclass, so `from_cfg` of each composed group gives that dataclass."""
+    from salsa import config
+
+    cfg = make_cfg(tmp_path, debug=False)
+    for group in config.CHECKED_GROUPS:
+        typed = config.typed(cfg[group], type(getattr(config.TrainConfig(), group)))
+        typed.check(group)  # the defaults pass their own checks
+    with pytest.raises(config.ConfigError, match="^ppo.num_minibatches: must divide"):
+        config.PPOConfig(batch_size=10, num_minibatches=3).check("ppo")
+    with pytest.raises(config.ConfigError, match="^ref.soup: "):
+        config.RefConfig(name="x", soup=False, ingredients=[0, 1]).check("ref")

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from salsa.infra.cache import StageCache
 from salsa.infra.guards import NonFiniteError
 from salsa.models.actors import FullActors
-from salsa.runner import train
+from salsa.runner import pipeline_job
 from tests.conftest import ROOT, make_cfg
 from tests.hub_fixtures import ultrafeedback_dir, write_jsonl
 
@@ -259,6 +259,9 @@ def bad_checkpoints(tmp_path_factory) -> dict[str, Path]:
 BAD_INPUTS = {
     # case: (arguments after the entry point, text the one-line error must contain)
     "negative kl_coef": (["ppo.kl_coef=-0.1"], "ppo.kl_coef"),
+    "misspelled key": (["ppo.klcoef=0.1"], "ppo.klcoef: no such key (did you mean kl_coef?)"),
+    "added unknown key": (["+ppo.klcoef=0.1"], "ppo.klcoef"),
+    "wrong type": (["ppo.kl_coef=abc"], "ppo.kl_coef"),
     "nan kl_coef": (["ppo.kl_coef=nan"], "ppo.kl_coef"),
     "unknown ref": (["ref=nope"], "ref=nope is not an option"),
     "unknown model": (["model=nope"], "model=nope is not an option"),
@@ -330,7 +333,7 @@ def test_nan_reward_stops_ppo_keeps_checkpoint_and_fails_the_runs(upstream, tmp_
     monkeypatch.setattr(FullActors, "scores", scores)
     cfg = make_cfg(log_dir, "logger=mlflow", "ref=sft", "ppo.iterations=5", "ppo.ckpt_every=1")
     with pytest.raises(NonFiniteError, match="rm score at iteration 2"):
-        train(cfg)
+        pipeline_job(cfg)
     (ckpt,) = (log_dir / "cache" / "ppo").glob("*.partial/checkpoints/last.ckpt")
     assert torch.load(ckpt, weights_only=True, mmap=True)["epoch"] == 1  # iterations 0 and 1 are kept
     assert not list((log_dir / "cache" / "ppo").glob("*/manifest.json"))

@@ -29,7 +29,7 @@ def unique_dir(path: str) -> str:
         except FileExistsError:
             continue
         return str(candidate)
-    raise ConfigError(f"{target}: 10,000 run directories of this name already exist")
+    raise ConfigError("hydra.run.dir", f"{target}: 10,000 run directories of this name already exist")
 
 
 def register_resolvers() -> None:
@@ -81,8 +81,72 @@ def missing_sweeper(argv: Sequence[str]) -> str | None:
     return None
 
 
-def check_argv(argv: Sequence[str], conf_dir: Path) -> None:
-    message = unknown_group_option(argv, conf_dir) or missing_sweeper(argv)
+# flags after which Hydra does something other than compose this config and run it
+NOT_A_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--package", "-p", "--shell-completion",
+             "-sc", "--version", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")  # fmt: skip
+
+
+def one_line(error: BaseException) -> str:
+    """A composition error as `key: what is wrong (where)`, from the chain Hydra and OmegaConf raise."""
+    import difflib
+
+    where, key, what = "", None, str(error).splitlines()[0]
+    node: BaseException | None = error
+    while node is not None:
+        first = str(node).splitlines()[0] if str(node) else ""
+        if first.startswith("In '") and "':" in first:
+            where = first[len("In '") : first.index("':")]  # the config file, e.g. experiment/paper_gemma2b
+        if getattr(node, "full_key", None) and key is None:
+            key, what = node.full_key, first
+            missing = getattr(node, "key", None)
+            parent = getattr(node, "parent_node", None)
+            if what.startswith("Key ") and " not in " in what and missing is not None and parent is not None:
+                close = difflib.get_close_matches(str(missing), [str(k) for k in parent], n=1)
+                what = f"no such key{f' (did you mean {close[0]}?)' if close else ''}"
+        node = node.__cause__ or node.__context__
+    message = f"{key}: {what}" if key else what
+    return message + (f" (in {where}.yaml)" if where else "")
+
+
+def composition_error(argv: Sequence[str], conf_dir: Path, config_name: str) -> str | None:
+    """Compose the config the command line asks for (a sweep: its first job) and describe the first error in one
+    line: a misspelled key or a wrong type, on the command line or in any config file (the typed config
+    `salsa.config.TrainConfig` refuses both). None when it composes, or when the command is not a run."""
+    if any(a.split("=", 1)[0] in NOT_A_RUN for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = []
+    for parsed in OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]):
+        key = parsed.get_key_element()
+        if key.lstrip("+~").startswith("hydra"):
+            continue
+        if parsed.is_sweep_override():
+            try:
+                first = next(iter(parsed.sweep_string_iterator()))
+            except Exception:  # a range or interval for a sweeper (Optuna): its jobs are composed by Hydra
+                continue
+            overrides.append(f"{key}={first}")
+        else:
+            overrides.append(parsed.input_line)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except Exception as e:
+        return one_line(e)
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def check_argv(argv: Sequence[str], conf_dir: Path, config_name: str = "train") -> None:
+    """One-line errors for a command line that cannot run, before Hydra starts (whose own errors span lines)."""
+    message = (
+        unknown_group_option(argv, conf_dir) or missing_sweeper(argv) or composition_error(argv, conf_dir, config_name)
+    )
     if message:
         fail(message)
 
@@ -94,7 +158,7 @@ def run(cfg: DictConfig, job: Callable[[DictConfig], Any] | None = None) -> Any:
 
         validate(cfg)
         if job is None:
-            from salsa.runner import train as job
+            from salsa.runner import pipeline_job as job
 
         return job(cfg)
     except SalsaError as e:
@@ -104,4 +168,12 @@ def run(cfg: DictConfig, job: Callable[[DictConfig], Any] | None = None) -> Any:
     return None
 
 
-register_resolvers()  # at import: the entry points, and sweep jobs in worker processes (joblib), all import this module
+def register() -> None:
+    """What Hydra must know before it composes a config: the run-directory resolver and the typed config."""
+    from salsa.config import register as register_schema
+
+    register_resolvers()
+    register_schema()
+
+
+register()  # at import: the entry points, and sweep jobs in worker processes (joblib), all import this module

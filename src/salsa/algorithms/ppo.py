@@ -12,13 +12,14 @@ One Lightning epoch is one PPO iteration:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 
+from salsa.config import PPOConfig
+from salsa.data.task import judge_answers
 from salsa.data.tokens import report_long_prompts
 from salsa.functional import (
     AdaptiveKLController,
@@ -37,38 +38,6 @@ from salsa.functional import (
 from salsa.infra.guards import check_finite
 from salsa.models.actors import FullActors
 from salsa.models.generation import Samples, decode, encode_prompts, sample
-
-
-@dataclass
-class PPOConfig:
-    iterations: int = 30  # PPO iterations (rollout + update), one Lightning epoch each
-    batch_size: int = 64  # prompts per rollout, per process
-    num_minibatches: int = 2  # minibatches per PPO epoch; must divide batch_size
-    ppo_epochs: int = 2  # passes over each rollout
-    lr: float = 1e-4  # AdamW learning rate for policy and value
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # gradient clipping
-    response_length: int = 40  # max new tokens per response
-    max_prompt_length: int = 32  # longer prompts keep their last tokens
-    temperature: float = 1.0  # sampling temperature; the policy optimised is π at this temperature
-    kl_coef: float = 0.05  # β of the per-token KL penalty (initial value when target_kl is set)
-    kl_estimator: str = "k1"  # k1 = log π − log π_ref (unbiased); k3 = (r − 1) − log r (≥ 0, lower variance)
-    target_kl: float | None = None  # sequence KL the adaptive controller aims for; None = fixed kl_coef
-    kl_horizon: float = 10000.0  # adaptive controller horizon, in samples
-    gamma: float = 1.0  # discount
-    lam: float = 0.95  # GAE λ
-    clip: float = 0.2  # policy ratio clip ε
-    value_clip: float = 0.2  # value clip around the rollout's values
-    vf_coef: float = 0.1  # weight of the value loss
-    whiten_rewards: bool = False  # whiten shaped rewards before GAE
-    missing_eos_penalty: float | None = None  # subtracted from the score of responses that never end
-    seed: int = 0  # prompt order, sampling and minibatch order
-    ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
-
-    @classmethod
-    def from_cfg(cls, node) -> PPOConfig:
-        known = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 def iteration_prompts(n_prompts: int, batch_size: int, seed: int, iteration: int, rank: int, world: int) -> list[int]:
@@ -148,7 +117,7 @@ class PPOModule(pl.LightningModule):
         }
         if self.judge is not None:
             texts = decode(self.tokenizer, s)
-            gold = [self.judge(p, t, bool(e)) for p, t, e in zip(prompts, texts, s.ended.tolist(), strict=True)]
+            gold = judge_answers(self.judge, prompts, texts, s.ended.tolist())
             stats["ppo/gold_reward"] = torch.tensor(float(np.mean(gold)))
         batch = {
             "sequences": seq, "attention_mask": attn, "response": s.response, "mask": mask,

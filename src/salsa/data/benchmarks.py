@@ -21,7 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("mt_bench", "arena_hard")
+from salsa.config import BENCHMARKS
+from salsa.errors import SalsaError
+
 # FastChat's sampling temperature per MT-Bench category (0 = greedy); other categories use the configured one
 CATEGORY_TEMPERATURE = {
     "writing": 0.7,
@@ -36,7 +38,7 @@ CATEGORY_TEMPERATURE = {
 CODE_BLOCK = re.compile(r"```([^`]*)```")
 
 
-class ExportError(ValueError):
+class ExportError(SalsaError, ValueError):
     """A question file or setting the export cannot use."""
 
 

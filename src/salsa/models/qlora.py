@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
-from salsa.config import QUANT
+from salsa.config import QUANT, LoraSettings
 from salsa.errors import SalsaError
 from salsa.models.hf import load_tokenizer
 
 if TYPE_CHECKING:
-    from peft import LoraConfig
+    pass
 
 HEAD = "score"  # the scalar head of a *ForSequenceClassification model (saved by peft as a module to save)
 
@@ -44,24 +44,6 @@ class AdapterError(SalsaError, ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Settings and loading
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class LoraSettings:
-    r: int = 16  # rank of every adapter the pipeline trains (SFT ingredients, RM, the PPO policy's delta)
-    alpha: float = 32  # scale = alpha / r
-    dropout: float = 0.05  # LoRA dropout while training SFT and RM (PPO adapters use none: see AdapterActors)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-    def config(self, task_type: str | None = None, dropout: float | None = None, **extra: Any) -> LoraConfig:
-        return peft().LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout if dropout is None else dropout,
-            target_modules=list(self.target_modules),
-            task_type=task_type,
-            **extra,
-        )
-
-
 @dataclass
 class BaseSettings:
     """How the frozen base is loaded: `model.*` of a hub/local preset (conf/model/gemma2b.yaml)."""
