@@ -6,7 +6,8 @@
 Needs no network: the model is built from the preset's shipped config (conf/model/gemma2b.yaml, `from_config`,
 random weights), saved once to a temp dir, and loaded back 4-bit by the same code the pipeline uses. Three random
 LoRA "SFT ingredients" are souped into the reference; a random LoRA reward adapter with a scalar head is the reward
-model and the value function's start (`salsa.models.adapter_actors.build_adapter_actors`). The PPO module is the pipeline's own.
+model and the value function's start (`salsa.models.adapter_actors.build_adapter_actors`). The PPO module is the
+pipeline's own.
 Goal on one GPU: peak memory <= 12 GB, so a 16 GB card fits.
 """
 

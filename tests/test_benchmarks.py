@@ -1,7 +1,9 @@
 """The benchmark scripts: their FLOP accounting by hand, and a smoke run of each on tiny sizes (timings are the
 benchmarks' business, not the tests')."""
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -73,3 +75,15 @@ def test_soup_memory_smoke(tmp_path):
     for method in ("baseline", "ours", "naive"):
         assert results[method]["seconds"] > 0 and results[method]["peak_rss_bytes"] > 0
     assert results["naive"]["max_abs_diff_vs_ours"] < 1e-6  # the same soup, made another way
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_tiny(capsys):
+    """The GPU benchmark runs end to end at toy sizes on CPU (the GPU run uses the same code)."""
+    spec = importlib.util.spec_from_file_location("gpu_gemma2b_ppo", ROOT / "benchmarks" / "gpu_gemma2b_ppo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--tiny", "--iterations", "2"])
+    assert result["device"] == "cpu" and len(result["iteration_s"]) == 2
+    assert result["tokens_per_s"] > 0 and math.isfinite(result["final_stats"]["ppo/value_loss"])
+    assert '"tokens_per_s"' in capsys.readouterr().out

@@ -12,8 +12,9 @@ from tests.conftest import make_cfg
 pytestmark = pytest.mark.slow
 
 
-def test_soup_stage_then_full_reuse(shared_cache):
-    cfg = make_cfg(shared_cache, "stage=soup")
+def test_soup_stage_then_full_reuse(tmp_path):
+    """Counts builds, so it has a cache of its own: other tests fill the shared one in whatever order they run."""
+    cfg = make_cfg(tmp_path, "stage=soup")
     ctx = Context.from_cfg(cfg)
     first = run(cfg, ctx)
     assert set(first["sft_val_loss"]) == {0, 1, 2}

@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from salsa.runner import train
+from salsa.runner import pipeline_job
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.slow
@@ -15,7 +15,7 @@ CONTRACT_KEYS = {"win_rate_vs_sft", "win_rate_vs_ppo", "gold_reward", "rm_reward
 
 def test_results_json_and_mlflow(shared_cache, capsys):
     cfg = make_cfg(shared_cache, "logger=mlflow")
-    train(cfg)
+    pipeline_job(cfg)
     results = json.loads((shared_cache / "out" / "results.json").read_text())
     assert set(results) >= CONTRACT_KEYS
     assert results["judge"] == "gold"
@@ -47,7 +47,7 @@ def test_results_json_and_mlflow(shared_cache, capsys):
 
 def test_plain_ppo_has_no_ppo_baseline(shared_cache):
     cfg = make_cfg(shared_cache, "ref=sft")
-    train(cfg)
+    pipeline_job(cfg)
     results = json.loads((shared_cache / "out" / "results.json").read_text())
     assert results["win_rate_vs_ppo"] is None and results["ref"] == "sft"
     assert 0.0 <= results["win_rate_vs_sft"] <= 1.0

@@ -14,7 +14,6 @@ from salsa.merge.soup import (
     average_tensors,
     concat_lora,
     greedy_soup,
-    lora_delta,
     normalize_weights,
     soup_checkpoints,
     soup_lora_adapters,
@@ -48,6 +47,11 @@ def _state(path):
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The weight update of one LoRA module: scale · B @ A  (A: r×in, B: out×r)."""
+    return scale * (b.float() @ a.float())
 
 
 def test_normalize_weights():

@@ -16,10 +16,6 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------------------------
 # Masked statistics
 # ---------------------------------------------------------------------------------------------------------------
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)

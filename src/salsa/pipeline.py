@@ -1,4 +1,5 @@
-"""The SALSA pipeline: base → SFT ingredients → soup → reward model → PPO against the reference → evaluation.
+"""The SALSA pipeline: base → SFT ingredients → soup → reward model → policy optimisation against the reference
+(`algo=`, PPO by default) → evaluation.
 
 Each stage comes from the stage cache when an identical one was built before (see `salsa.infra.cache`).
 """
@@ -13,13 +14,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from salsa.algorithms import ALGORITHMS
 from salsa.config import STAGES
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context
 from salsa.stages.base import run_base
 from salsa.stages.evaluate import run_eval
 from salsa.stages.export import run_export
-from salsa.stages.ppo import run_ppo
 from salsa.stages.rm import run_rm
 from salsa.stages.sft import run_sft
 from salsa.stages.soup import run_soup
@@ -37,17 +38,25 @@ def needed_ingredients(ref: DictConfig) -> list[int]:
     return sorted(need)
 
 
-def reference(ctx: Context, sft: dict[int, Entry], ingredients: list[int]) -> Entry:
-    """The reference model: one SFT ingredient, or the soup of several."""
-    if len(ingredients) == 1:
-        return sft[ingredients[0]]
-    return run_soup(ctx, [sft[i] for i in ingredients])
+def reference(ctx: Context, sft: dict[int, Entry]) -> Entry:
+    """The KL reference of `cfg.ref`: the soup of its ingredients (`ref.soup`), or its one SFT ingredient.
+
+    Everything that holds a policy near a reference gets it here (a moving reference would start from this one).
+    """
+    ref = ctx.cfg.ref
+    if ref.soup:
+        return run_soup(ctx, [sft[i] for i in ref.ingredients])
+    (only,) = ref.ingredients
+    return sft[only]
+
+
+def policy_start(ref_cfg: DictConfig, sft: dict[int, Entry], reference: Entry) -> Entry:
+    """Where the policy starts: the reference itself (`policy_init: ref`) or one SFT ingredient."""
+    return reference if ref_cfg.policy_init == "ref" else sft[int(ref_cfg.policy_init)]
 
 
 def run(cfg: DictConfig, ctx: Context | None = None) -> dict[str, Any]:
     """Run the pipeline up to `cfg.stage`; return the results dict (also written to `results.json`)."""
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
     ctx = ctx or Context.from_cfg(cfg)
     last = STAGES.index(cfg.stage)
     started = time.time()
@@ -59,18 +68,20 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> dict[str, Any]:
         sft = {i: run_sft(ctx, base, i) for i in needed_ingredients(cfg.ref)}
         results["sft_val_loss"] = {i: e.manifest["metrics"]["val_loss"] for i, e in sft.items()}
     if last >= STAGES.index("soup"):
-        ref = reference(ctx, sft, list(cfg.ref.ingredients))
+        ref = reference(ctx, sft)
         results["ref_val_loss"] = ref.manifest.get("metrics", {}).get("val_loss")
     if last >= STAGES.index("rm"):
         rm = run_rm(ctx, base)
         results["rm_accuracy"] = rm.manifest["metrics"].get("accuracy")
         results["rm_gold_agreement"] = rm.manifest["metrics"].get("gold_agreement")
     if last >= STAGES.index("ppo"):
-        init = ref if cfg.ref.policy_init == "ref" else sft[int(cfg.ref.policy_init)]
-        policy = run_ppo(ctx, init, ref, rm, cfg.ref.name)
-        # the PPO baseline: reference and start = SFT ingredient 0, same PPO settings (trained once, then cached)
-        plain_ppo = init.key == ref.key == sft[0].key
-        baseline = None if plain_ppo else run_ppo(ctx, sft[0], sft[0], rm, "sft")
+        algo = ALGORITHMS[cfg.algo.name]
+        reward = rm if algo.needs_reward_model else None
+        init = policy_start(cfg.ref, sft, ref)
+        policy = algo.run(ctx, init, ref, reward, cfg.ref.name)
+        # the baseline: the same algorithm and settings with reference and start = SFT ingredient 0 (trained once)
+        plain = init.key == ref.key == sft[0].key
+        baseline = None if plain else algo.run(ctx, sft[0], sft[0], reward, "sft")
     if last >= STAGES.index("eval"):
         evaluation = run_eval(ctx, policy, sft[0], baseline, rm, ref)
         results.update(evaluation.manifest["results"])

@@ -90,7 +90,9 @@ def prepare(cfg: DictConfig) -> None:
         print(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def train(cfg: DictConfig) -> float | None:
+def pipeline_job(cfg: DictConfig) -> float | None:
+    """What `python src/train.py` does with its config: run the pipeline in a tracked run, write and print the
+    results, and return `optimized_metric` for a sweeper."""
     prepare(cfg)
     out = output_dir(cfg)
     if not is_global_zero():  # another DDP rank: it trains alongside rank 0, which alone tracks and reports
@@ -98,20 +100,15 @@ def train(cfg: DictConfig) -> float | None:
         return None
     tracker = Tracker.from_cfg(cfg)
     tags = {"kind": "pipeline", "ref": cfg.ref.name, "output_dir": str(out), **sweep_tags()}
-    tracker.start_parent(run_name(task_overrides(), cfg.ref.name), cfg, tags=tags)
-    ctx = Context.from_cfg(cfg, tracker)
-    try:
+    with tracker.run(run_name(task_overrides(), cfg.ref.name), cfg, tags) as run_id:
+        ctx = Context.from_cfg(cfg, tracker)
         results = run(cfg, ctx)
-    except BaseException:
-        tracker.end_parent("FAILED")
-        raise
-    path = write_results(results, out)
-    OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
-    tracker.log_metrics(tracker.parent_id, {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)})
-    tracker.log_artifact(tracker.parent_id, path)
-    tracker.log_artifact(tracker.parent_id, out / "resolved_config.yaml")
-    report_job(tracker, ctx.entries, out)
-    tracker.end_parent("FINISHED")
+        path = write_results(results, out)
+        OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
+        tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)})
+        tracker.log_artifact(run_id, path)
+        tracker.log_artifact(run_id, out / "resolved_config.yaml")
+        report_job(tracker, ctx.entries, ctx.labels, out)
     Console().print(results_table(results))
     log.info("results written to %s", path)
     if tracker.enabled and not sweep_tags():  # a sweep's summary names its own view

@@ -45,11 +45,10 @@ class SweepReport(Callback):
 
         tracker = Tracker.from_cfg(config)
         tags = {"kind": "sweep", "sweep": str(sweep_dir.resolve())}  # the jobs' runs carry the same `sweep` tag
-        tracker.start_parent(f"{config.task_name}-sweep-{sweep_dir.name}", tags=tags)
-        tracker.log_metrics(tracker.parent_id, {"jobs": len(jobs)})
-        for f in files:
-            tracker.log_artifact(tracker.parent_id, f, "plots" if f.suffix == ".png" else None)
-        tracker.end_parent("FINISHED")
+        with tracker.run(f"{config.task_name}-sweep-{sweep_dir.name}", tags=tags) as run_id:
+            tracker.log_metrics(run_id, {"jobs": len(jobs)})
+            for f in files:
+                tracker.log_artifact(run_id, f, "plots" if f.suffix == ".png" else None)
         # a saved view of the runs table with this sweep's jobs, their results and what they vary
         columns = key_columns(swept_params(sweep_dir))
         where = f"tags.sweep = '{sweep_dir.resolve()}' and tags.kind = 'pipeline'"

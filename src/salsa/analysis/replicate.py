@@ -63,13 +63,12 @@ class Job:
 
 def load_jobs(sweep_dir: str | Path) -> tuple[list[Job], int]:
     """The sweep's finished jobs and the number of samples per prompt of their evaluation."""
+    from salsa.analysis.sweep import finished_jobs
     from salsa.infra.cache import StageCache
     from salsa.stages.ppo import HISTORY, read_history
 
     jobs, per_prompt = [], set()
-    for results_file in sorted(Path(sweep_dir).glob("*/results.json")):
-        cfg = OmegaConf.load(results_file.with_name("resolved_config.yaml"))
-        results = json.loads(results_file.read_text())
+    for _, cfg, results in finished_jobs(sweep_dir):
         cache = StageCache(cfg.paths.cache_dir)
         (eval_key,) = [k.split(":", 1)[1] for k in results["stages"] if k.startswith("eval:")]
         evaluation = cache.lookup("eval", eval_key)
@@ -224,7 +223,7 @@ def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land
             else "(baseline)"
         )
         lines.append(
-            f"| {r['ref']} | {r['kl_coef']:g} | {r['seeds']} | {vs_ppo} | "
+            f"| {r['ref']} | {r['kl_coef']:g} | {int(r['seeds'])} | {vs_ppo} | "
             f"{_fmt(r['win_vs_sft_mean'], r['win_vs_sft_low'], r['win_vs_sft_high'])} | "
             f"{_fmt(r['gold_mean'], r['gold_low'], r['gold_high'], percent=False)} | {r['rm_reward']:.3f} | "
             f"{r['kl_to_ref']:.2f} | {r['sft_gold']:.3f} |"
@@ -237,7 +236,7 @@ def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land
         "|---|---|---|",
     ]
     for _, r in h2h.iterrows():
-        lines.append(f"| {r['kl_coef']:g} | {r['seeds']} | {_fmt(r['win_mean'], r['win_low'], r['win_high'])} |")
+        lines.append(f"| {r['kl_coef']:g} | {int(r['seeds'])} | {_fmt(r['win_mean'], r['win_low'], r['win_high'])} |")
     lines += ["", "## The paper's numbers beside ours (win rate against PPO, %)", "",
               "| claim | paper (Arena-Hard, GPT-4 judge) | ours (embedded task, gold judge; per kl_coef) |",
               "|---|---|---|"]  # fmt: skip
@@ -271,7 +270,7 @@ def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land
             "|---|---|---|---|---|---|",
         ]
         for _, r in overopt.iterrows():
-            lines.append(f"| {r['ref']} | {r['kl_coef']:g} | {r['seeds']} | {r['gold_drop_from_peak']:.3f} | "
+            lines.append(f"| {r['ref']} | {r['kl_coef']:g} | {int(r['seeds'])} | {r['gold_drop_from_peak']:.3f} | "
                          f"{r['rm_rise_after_gold_peak']:.3f} | {r['seeds_overoptimised']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 

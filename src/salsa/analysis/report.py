@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from salsa.analysis.plots import PPO_PANELS, Series, ppo_curves_figure, save_png
@@ -27,7 +27,7 @@ def sweep_tags() -> dict[str, str]:
     return {}
 
 
-def unique(entries: Sequence[Entry], stage: str) -> list[Entry]:
+def stage_entries(entries: Sequence[Entry], stage: str) -> list[Entry]:
     """The entries of `stage`, each cache key once, in pipeline order."""
     seen: dict[str, Entry] = {}
     for e in entries:
@@ -36,27 +36,28 @@ def unique(entries: Sequence[Entry], stage: str) -> list[Entry]:
     return list(seen.values())
 
 
-def ppo_histories(entries: Sequence[Entry]) -> dict[str, dict[str, Series]]:
-    """Per-iteration PPO metrics of each PPO stage, from the history.csv the stage wrote (cached or not)."""
+def ppo_histories(entries: Sequence[Entry], labels: Mapping[str, str]) -> dict[str, dict[str, Series]]:
+    """Per-iteration PPO metrics of each PPO stage, from the history.csv the stage wrote (cached or not), under the
+    name this run gave it (`labels`: stage key -> ref name)."""
     from salsa.stages.ppo import HISTORY, read_history
 
     histories = {}
-    for e in unique(entries, "ppo"):
+    for e in stage_entries(entries, "ppo"):
         history = read_history(e.path / HISTORY)
         if history:
-            histories[f"ref={e.manifest.get('ref', '?')}"] = {k: history.get(k, []) for k, _ in PPO_PANELS}
+            histories[f"ref={labels.get(e.key, '?')}"] = {k: history.get(k, []) for k, _ in PPO_PANELS}
     return histories
 
 
-def report_job(tracker: Tracker, entries: Sequence[Entry], out: Path) -> list[Path]:
+def report_job(tracker: Tracker, entries: Sequence[Entry], labels: Mapping[str, str], out: Path) -> list[Path]:
     """Write the job's plots into `out` and log them, with the evaluation's generations table, to the parent run."""
     if not (tracker.enabled and tracker.parent_id):
         return []
     written = []
-    histories = ppo_histories(entries)
+    histories = ppo_histories(entries, labels)
     if histories:
         written.append(save_png(ppo_curves_figure(histories), out / "ppo_curves.png"))
         tracker.log_artifact(tracker.parent_id, written[-1], "plots")
-    for e in unique(entries, "eval"):
+    for e in stage_entries(entries, "eval"):
         tracker.log_artifact(tracker.parent_id, e.path / "generations.csv")
     return written

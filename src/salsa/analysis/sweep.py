@@ -7,26 +7,31 @@ the frontier plot and the win-rate table work on either.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from salsa.infra.tracking import flatten
 
 SETTING = ["ref", "kl_coef"]  # what a `kl_coef × ref` sweep varies
 
 
+def finished_jobs(sweep_dir: str | Path) -> Iterator[tuple[Path, DictConfig, dict[str, Any]]]:
+    """(job dir, resolved config, results) of each job of a Hydra sweep dir that finished (wrote both files)."""
+    for results_file in sorted(Path(sweep_dir).glob("*/results.json")):
+        config_file = results_file.with_name("resolved_config.yaml")
+        if config_file.is_file():
+            yield results_file.parent, OmegaConf.load(config_file), json.loads(results_file.read_text())
+
+
 def job_results(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per finished job of a Hydra sweep dir (`<n>/results.json` next to `<n>/resolved_config.yaml`)."""
     rows = []
-    for results_file in sorted(Path(sweep_dir).glob("*/results.json")):
-        config_file = results_file.with_name("resolved_config.yaml")
-        if not config_file.is_file():
-            continue
-        cfg = OmegaConf.load(config_file)
-        results = json.loads(results_file.read_text())
-        row = {"job": results_file.parent.name, "ref": cfg.ref.name, "kl_coef": float(cfg.ppo.kl_coef)}
+    for job, cfg, results in finished_jobs(sweep_dir):
+        row = {"job": job.name, "ref": cfg.ref.name, "kl_coef": float(cfg.ppo.kl_coef)}
         row.update({k: v for k, v in results.items() if k not in row and not isinstance(v, dict | list)})
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else ["job", *SETTING])

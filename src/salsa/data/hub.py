@@ -145,7 +145,8 @@ def read_ultrafeedback(dataset: str, path: str | None, limits: tuple[int, int]) 
     return Splits(examples("train_sft"), examples("test_sft"), pairs("train_prefs"), pairs("test_prefs"))
 
 
-def unique(items: Iterable[str]) -> list[str]:
+def distinct(items: Iterable[str]) -> list[str]:
+    """Each item once, in first-seen order."""
     return list(dict.fromkeys(items))
 
 
@@ -225,6 +226,6 @@ def hub_data(
         sft_val=subsample(splits.sft_test, n_sft_val, seed),
         pairs_train=pairs_train,
         pairs_val=subsample(splits.pairs_test, n_pairs_val, seed),
-        prompts_train=subsample(unique(p.prompt for p in pairs_train), n_prompts, seed),
-        prompts_eval=subsample(unique(p.prompt for p in splits.pairs_test), n_eval_prompts, seed),
+        prompts_train=subsample(distinct(p.prompt for p in pairs_train), n_prompts, seed),
+        prompts_eval=subsample(distinct(p.prompt for p in splits.pairs_test), n_eval_prompts, seed),
     )

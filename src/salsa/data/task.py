@@ -50,3 +50,8 @@ def synthetic_data(
         prompts_eval=task.prompts(n_eval_prompts, "eval"),
         judge=gold_reward,
     )
+
+
+def judge_answers(judge: Callable[[str, str, bool], float], prompts, texts, ended) -> list[float]:
+    """The gold judge's reward of each answer (`texts[i]` to `prompts[i]`, `ended[i]`: it closed with EOS)."""
+    return [judge(p, t, bool(e)) for p, t, e in zip(prompts, texts, ended, strict=True)]

@@ -48,6 +48,7 @@ class Context:
     cache: StageCache
     tracker: Tracker
     entries: list[Entry] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)  # stage key -> what this run calls it (a policy's ref name)
     _data: TaskData | None = None
 
     @classmethod

@@ -137,18 +137,23 @@ class Tracker:
         return cls(lg.tracking_uri, lg.experiment_name, lg.get("artifact_location"))
 
     # -- runs ----------------------------------------------------------------------------------------------------
-    def start_parent(self, name: str, cfg: DictConfig | None = None, tags: dict[str, str] | None = None) -> str | None:
+    @contextmanager
+    def run(self, name: str, cfg: DictConfig | None = None, tags: dict[str, str] | None = None) -> Iterator[str | None]:
+        """A top-level run for the block (its id, None when tracking is off): the config's params are logged at the
+        start; it ends FINISHED, or FAILED when the block raises (a crash, an interrupt), and the error propagates."""
         if not self.enabled:
-            return None
+            yield None
+            return
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags or {})
         self.parent_id = run.info.run_id
         if cfg is not None:
             self.log_params(self.parent_id, OmegaConf.to_container(cfg, resolve=True))
-        return self.parent_id
-
-    def end_parent(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.parent_id:
-            self.client.set_terminated(self.parent_id, status)
+        try:
+            yield self.parent_id
+        except BaseException:
+            self.client.set_terminated(self.parent_id, "FAILED")
+            raise
+        self.client.set_terminated(self.parent_id, "FINISHED")
 
     @contextmanager
     def child(self, stage: str, key: str) -> Iterator[str | None]:

@@ -80,7 +80,7 @@ class AtomicLastCheckpoint(pl.Callback):
         tmp = self.dirpath / f"{LAST}.tmp"
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(str(tmp))
+        trainer.save_checkpoint(str(tmp), weights_only=False)  # optimizer and loop state too: resumable
         if trainer.is_global_zero:
             os.replace(tmp, self.dirpath / LAST)
         trainer.strategy.barrier("atomic-last-checkpoint")

@@ -78,11 +78,6 @@ def average_tensors(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -
     return out.to(dtype)
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """The weight update of one LoRA module: scale · B @ A  (A: r×in, B: out×r)."""
-    return scale * (b.float() @ a.float())
-
-
 def concat_lora(
     factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]], weights: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:

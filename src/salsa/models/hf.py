@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -83,13 +82,6 @@ def load_reward_model(
     return AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **config
     )
-
-
-def save_hf(obj, path: str | os.PathLike, max_shard_size: str | None = None) -> None:
-    """save_pretrained into `path` (models are written as safetensors)."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    obj.save_pretrained(str(path), **kwargs)
 
 
 def num_parameters(model: torch.nn.Module) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from salsa.data.task import judge_answers
 from salsa.data.tokens import report_long_prompts
 from salsa.functional import adjusted_win_rate, token_logprobs
 from salsa.infra.cache import Entry
@@ -78,10 +79,9 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
                 name,
             )
             if data.judge is not None:
-                answers[name]["gold"] = [
-                    data.judge(p, t, d)
-                    for p, t, d in zip(prompts, answers[name]["texts"], answers[name]["ended"], strict=True)
-                ]
+                answers[name]["gold"] = judge_answers(
+                    data.judge, prompts, answers[name]["texts"], answers[name]["ended"]
+                )
         judge = "gold" if data.judge is not None else "rm"
 
         def win_rate(other: str) -> float | None:

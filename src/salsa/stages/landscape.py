@@ -17,28 +17,28 @@ import itertools
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from salsa.analysis.plots import landscape_figure, save_png
+from salsa.config import LandscapeConfig
+from salsa.data.task import judge_answers
 from salsa.errors import ConfigError
 from salsa.infra import progress
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.tracking import Tracker
 from salsa.models.hf import load_causal_lm, load_reward_model, load_tokenizer
-from salsa.pipeline import reference
 from salsa.runner import output_dir, prepare
 from salsa.stages.base import run_base
 from salsa.stages.evaluate import answer
 from salsa.stages.rm import run_rm
 from salsa.stages.sft import run_sft
-from salsa.validate import positive_int
+from salsa.stages.soup import run_soup
 
 Params = Mapping[str, torch.Tensor]
 
@@ -93,37 +93,9 @@ def load_plane_point(model: torch.nn.Module, t0: Params, t1: Params, t2: Params,
 # ---------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class LandscapeConfig:
-    ingredients: list[int] = field(default_factory=lambda: [0, 1, 2])  # θ0, θ1, θ2: SFT ingredients spanning it
-    a_min: float = -0.5  # grid range along θ1 − θ0
-    a_max: float = 1.5
-    b_min: float = -0.5  # grid range along θ2 − θ0
-    b_max: float = 1.5
-    steps: int = 9  # grid points per axis
-    n_prompts: int = 64  # held-out prompts every grid point answers (eval.samples_per_prompt times each)
-
-    @classmethod
-    def from_cfg(cls, node) -> LandscapeConfig:
-        known = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-
 def check_landscape(cfg: DictConfig) -> None:
     """Raise ConfigError for a `landscape` node the grid cannot be built from (before anything loads)."""
-    node = cfg.landscape
-    ingredients = list(node.ingredients)
-    if len(ingredients) != 3 or len(set(ingredients)) != 3 or not all(type(i) is int and i >= 0 for i in ingredients):
-        raise ConfigError("landscape.ingredients", f"must name 3 different SFT ingredients, got {ingredients}")
-    positive_int(cfg, "landscape.n_prompts")
-    if isinstance(node.steps, bool) or not isinstance(node.steps, int) or node.steps < 2:
-        raise ConfigError("landscape.steps", f"must be a whole number ≥ 2, got {node.steps!r}")
-    for axis in ("a", "b"):
-        lo, hi = node[f"{axis}_min"], node[f"{axis}_max"]
-        if not (isinstance(lo, int | float) and isinstance(hi, int | float) and lo < hi):
-            raise ConfigError(
-                f"landscape.{axis}_min", f"must be a number below landscape.{axis}_max, got {lo!r}, {hi!r}"
-            )
+    LandscapeConfig.from_cfg(cfg.landscape).check("landscape")
 
 
 def mean_rewards(model, tok, reward_model, prompts: list[str], e, judge, name: str) -> dict[str, float]:
@@ -131,8 +103,7 @@ def mean_rewards(model, tok, reward_model, prompts: list[str], e, judge, name: s
     out = answer(model, tok, prompts, e, reward_model, name=name)
     rewards = {"rm_reward": float(np.mean(out["rm"]))}
     if judge is not None:
-        gold = [judge(p, t, d) for p, t, d in zip(prompts, out["texts"], out["ended"], strict=True)]
-        rewards["gold_reward"] = float(np.mean(gold))
+        rewards["gold_reward"] = float(np.mean(judge_answers(judge, prompts, out["texts"], out["ended"])))
     return rewards
 
 
@@ -142,7 +113,7 @@ def run_landscape(ctx: Context) -> Entry:
     lc = LandscapeConfig.from_cfg(cfg.landscape)
     base = run_base(ctx)
     sft = {i: run_sft(ctx, base, i) for i in lc.ingredients}
-    soup = reference(ctx, sft, lc.ingredients)
+    soup = run_soup(ctx, [sft[i] for i in lc.ingredients])
     rm = run_rm(ctx, base)
     if any(e.manifest.get("format") != "full" for e in (*sft.values(), soup)):
         raise ConfigError("model", "the landscape interpolates full checkpoints; these ingredients are adapters")
@@ -198,17 +169,11 @@ def landscape_job(cfg: DictConfig) -> dict[str, Any]:
     prepare(cfg)
     out = output_dir(cfg)
     tracker = Tracker.from_cfg(cfg)
-    tracker.start_parent(f"{cfg.task_name}-landscape", cfg, tags={"kind": "landscape", "output_dir": str(out)})
-    ctx = Context.from_cfg(cfg, tracker)
-    try:
-        entry = run_landscape(ctx)
-    except BaseException:
-        tracker.end_parent("FAILED")
-        raise
-    for name in ("landscape.png", "landscape.json"):
-        shutil.copy2(entry.path / name, out / name)
-        tracker.log_artifact(tracker.parent_id, out / name)
-    tracker.log_metrics(tracker.parent_id, {f"landscape/{k}": v for k, v in entry.manifest["metrics"].items()})
-    tracker.end_parent("FINISHED")
+    with tracker.run(f"{cfg.task_name}-landscape", cfg, {"kind": "landscape", "output_dir": str(out)}) as run_id:
+        entry = run_landscape(Context.from_cfg(cfg, tracker))
+        for name in ("landscape.png", "landscape.json"):
+            shutil.copy2(entry.path / name, out / name)
+            tracker.log_artifact(run_id, out / name)
+        tracker.log_metrics(run_id, {f"landscape/{k}": v for k, v in entry.manifest["metrics"].items()})
     log.info("landscape written to %s", out / "landscape.png")
     return json.loads((out / "landscape.json").read_text())

@@ -21,8 +21,10 @@ from salsa.infra.guards import check_finite
 from salsa.infra.training import PlanSampler, batch_plan, fit_resumable, step_seed
 
 
-class SFTModule(pl.LightningModule):
-    """Causal-LM cross-entropy on the target tokens of each sequence (labels = -100 elsewhere)."""
+class SeededModule(pl.LightningModule):
+    """What the SFT and reward-model modules share: a seed per optimizer step (dropout replays the same after a
+    resume), and AdamW (β = 0.9, 0.95) with linear warmup and cosine decay, stepped per batch. Subclasses save `lr`,
+    `weight_decay`, `warmup_steps`, `total_steps` and `seed` (optionally `min_lr_ratio`) as hyperparameters."""
 
     def __init__(
         self,
@@ -33,13 +35,32 @@ class SFTModule(pl.LightningModule):
         total_steps: int = 1,
         min_lr_ratio: float = 0.1,
         seed: int = 0,
+        **extra,  # a subclass's own hyperparameters, saved with these
     ):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))  # dropout: resumable
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
+
+    def param_groups(self) -> list[dict]:
+        """Every trainable parameter (adapters only, on a frozen base), with the configured weight decay."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": self.hparams.weight_decay}]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=(0.9, 0.95))
+        schedule = partial(
+            warmup_cosine, warmup=hp.warmup_steps, total=hp.total_steps, min_ratio=hp.get("min_lr_ratio", 0.1)
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class SFTModule(SeededModule):
+    """Causal-LM cross-entropy on the target tokens of each sequence (labels = -100 elsewhere)."""
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -49,19 +70,13 @@ class SFTModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=(0.9, 0.95),
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, partial(warmup_cosine, warmup=hp.warmup_steps, total=hp.total_steps, min_ratio=hp.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def param_groups(self) -> list[dict]:
+        """Weight decay on matrices only (not on norms and biases)."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
 
 
 def planned_loader(dataset, hp, collate, seed: int) -> DataLoader:
@@ -78,7 +93,8 @@ def fit_lm(
     pl.seed_everything(seed, workers=True, verbose=False)
     loader = planned_loader(dataset, hp, partial(lm_batch, pad_id=pad_id), seed)
     model.train()  # from_pretrained returns eval mode; dropout must be on for training
-    module = SFTModule(model, hp.lr, hp.weight_decay, hp.warmup_steps, len(loader.batch_sampler.plan), seed=seed)
+    total = len(loader.batch_sampler.plan)
+    module = SFTModule(model, hp.lr, hp.weight_decay, hp.warmup_steps, total, seed=seed)
     fit_resumable(
         partial(ctx.trainer, work, run_id),
         module,
@@ -106,3 +122,9 @@ def heldout_loss(model, dataset: LMDataset, pad_id: int, batch_size: int = 128) 
         total, count = total + nll.item(), count + n.item()
     model.train(was_training)
     return total / max(count, 1)
+
+
+def heldout_dataset(ctx: Context, tokenizer) -> LMDataset:
+    """The held-out SFT demonstrations, tokenised as SFT trains: what ingredients and soups are scored on."""
+    s = ctx.cfg.sft
+    return LMDataset.from_examples(tokenizer, ctx.data.sft_val, s.max_prompt_length, s.max_response_length)

@@ -51,6 +51,9 @@ def build_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullActors:
 
 
 def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str) -> Entry:
+    """The policy trained by PPO from `policy_init` against `reference` and the reward model `rm`. `ref_name` labels
+    it in this run's logs and plots; it is not part of the cache key (the same training under another name is the
+    same stage)."""
     cfg = ctx.cfg
     spec = {
         "policy_init": policy_init.key, "reference": reference.key, "rm": rm.key,
@@ -86,8 +89,9 @@ def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_n
         return {
             "metrics": {k.removeprefix("ppo/"): v for k, v in final.items()},
             "format": "lora" if adapters else "full",
-            "ref": ref_name,
             "base": policy_init.manifest.get("base"),
         }
 
-    return ctx.build("ppo", spec, build)
+    entry = ctx.build("ppo", spec, build)
+    ctx.labels[entry.key] = ref_name
+    return entry

@@ -12,14 +12,14 @@ from torchmetrics.classification import BinaryAccuracy
 
 from salsa.data.synthetic import Pair
 from salsa.data.tokens import pad_right, prompt_ids, response_ids
-from salsa.functional import bradley_terry_loss, warmup_cosine
+from salsa.functional import bradley_terry_loss
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.guards import check_finite
-from salsa.infra.training import fit_resumable, step_seed
+from salsa.infra.training import fit_resumable
 from salsa.models.hf import load_reward_model, load_tokenizer, sequence_scores
 from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
-from salsa.stages.lm import planned_loader
+from salsa.stages.lm import SeededModule, planned_loader
 
 
 class PairDataset(Dataset):
@@ -51,31 +51,17 @@ def pair_batch(items, pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-class RewardModule(pl.LightningModule):
+class RewardModule(SeededModule):
     """−log σ(r_chosen − r_rejected) (+ optional centering); accuracy on held-out labels and against the gold."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        lr: float,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        total_steps: int = 1,
-        center_coef: float = 0.0,
-        seed: int = 0,
-    ):
-        super().__init__()
-        self.model = model
-        self.save_hyperparameters(ignore=["model"])
+    def __init__(self, model: torch.nn.Module, lr: float, center_coef: float = 0.0, **optimizer):
+        super().__init__(model, lr, center_coef=center_coef, **optimizer)
         self.val_accuracy = BinaryAccuracy()
         self.val_gold_agreement = BinaryAccuracy()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
         return scores.chunk(2)
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         r_chosen, r_rejected = self(batch)
@@ -96,15 +82,6 @@ class RewardModule(pl.LightningModule):
         if known.any():
             self.val_gold_agreement(prob[known], (margin[known] > 0).long())
             self.log("val/gold_agreement", self.val_gold_agreement)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]  # adapters only, on a frozen base
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, partial(warmup_cosine, warmup=hp.warmup_steps, total=hp.total_steps, min_ratio=0.1)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def run_rm(ctx: Context, base: Entry) -> Entry:
@@ -129,7 +106,10 @@ def run_rm(ctx: Context, base: Entry) -> Entry:
         loader = planned_loader(train, r, collate, r.seed)
         val_loader = DataLoader(val, batch_size=r.val_batch_size, collate_fn=collate)
         total = len(loader.batch_sampler.plan)
-        module = RewardModule(model, r.lr, r.weight_decay, r.warmup_steps, total, r.center_coef, seed=r.seed)
+        module = RewardModule(
+            model, r.lr, r.center_coef, weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, total_steps=total,
+            seed=r.seed,
+        )  # fmt: skip
         fit_resumable(
             partial(ctx.trainer, work, run_id),
             module,

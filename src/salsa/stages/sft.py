@@ -11,12 +11,7 @@ from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.models.hf import load_causal_lm, load_tokenizer
 from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
-from salsa.stages.lm import fit_lm, heldout_loss
-
-
-def sft_val_dataset(ctx: Context, tokenizer) -> LMDataset:
-    s = ctx.cfg.sft
-    return LMDataset.from_examples(tokenizer, ctx.data.sft_val, s.max_prompt_length, s.max_response_length)
+from salsa.stages.lm import fit_lm, heldout_dataset, heldout_loss
 
 
 def ingredient_seed(seed: int, replicate: int, index: int) -> int:
@@ -44,7 +39,7 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
         fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed, f"sft {index}")
         model.save_pretrained(str(work))
         tok.save_pretrained(str(work))
-        val_loss = heldout_loss(model, sft_val_dataset(ctx, tok), tok.pad_token_id)
+        val_loss = heldout_loss(model, heldout_dataset(ctx, tok), tok.pad_token_id)
         log.info("[sft %d] held-out loss %.4f", index, val_loss)
         fmt = "lora" if adapters else "full"
         return {"metrics": {"val_loss": val_loss}, "format": fmt, "base": base.key, "index": index, "seed": seed}

@@ -6,15 +6,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from salsa.config import SOUP_METHODS
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.merge.soup import SoupError, greedy_soup, soup_checkpoints, soup_lora_adapters
 from salsa.models.hf import load_tokenizer
 from salsa.models.loaders import model_loader
-from salsa.stages.lm import heldout_loss
-from salsa.stages.sft import sft_val_dataset
-
-METHODS = ("uniform", "weighted", "greedy")
+from salsa.stages.lm import heldout_dataset, heldout_loss
 
 
 def write_soup(ingredients: list[Entry], out: Path, weights: list[float] | None) -> list[float]:
@@ -33,13 +31,13 @@ def write_soup(ingredients: list[Entry], out: Path, weights: list[float] | None)
 def run_soup(ctx: Context, ingredients: list[Entry]) -> Entry:
     cfg = ctx.cfg
     s = cfg.soup
-    if s.method not in METHODS:
-        raise SoupError(f"soup.method must be one of {METHODS}, got {s.method!r}")
+    if s.method not in SOUP_METHODS:
+        raise SoupError(f"soup.method must be one of {SOUP_METHODS}, got {s.method!r}")
     spec = {"ingredients": [e.key for e in ingredients], "soup": plain(s), "data": plain(cfg.data)}
 
     def build(work: Path, run_id: str | None) -> dict:
         tok = load_tokenizer(ingredients[0].path)
-        val = sft_val_dataset(ctx, tok)
+        val = heldout_dataset(ctx, tok)
         loader = model_loader(cfg.model, ctx.device)
 
         def loss_of(path: Path) -> float:
