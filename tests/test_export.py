@@ -9,12 +9,11 @@ from transformers import AutoModelForCausalLM
 from salsa.data.benchmarks import (
     ExportError,
     answer_record,
-    conversation_ids,
     markdown_counts,
     question_temperature,
     read_questions,
 )
-from salsa.data.tokens import prompt_ids
+from salsa.data.tokens import chat_ids, prompt_ids
 from salsa.stages.export import export_answers
 from tests.hub_fixtures import arch_config, word_tokenizer, write_jsonl
 
@@ -54,14 +53,18 @@ def test_question_temperatures_follow_fastchat():
 
 
 @pytest.mark.parametrize("template", [True, False])
-def test_conversation_ids_extend_prompt_ids(template):
+def test_chat_ids_extend_prompt_ids(template):
     tok = word_tokenizer(chat_template=template, pad=True)
     one = [{"role": "user", "content": "how do i bake bread"}]
-    assert conversation_ids(tok, one) == prompt_ids(tok, "how do i bake bread")
+    assert chat_ids(tok, one) == prompt_ids(tok, "how do i bake bread")
     two = [*one, {"role": "assistant", "content": "mix flour"}, {"role": "user", "content": "thank you"}]
-    ids = conversation_ids(tok, two)
+    ids = chat_ids(tok, two)
     assert ids[: len(prompt_ids(tok, "how do i bake bread")) - 1] == prompt_ids(tok, "how do i bake bread")[:-1]
-    assert len(ids) > len(conversation_ids(tok, one)) and len(conversation_ids(tok, two, max_length=4)) == 4
+    assert len(ids) > len(chat_ids(tok, one))
+    # cut to 4 tokens: the oldest exchange goes first, then the text's start; BOS and the template stay
+    short = chat_ids(tok, two, max_length=4)
+    assert len(short) <= 4 and short[0] == tok.bos_token_id and short[-1] == ids[-1]
+    assert tok.convert_tokens_to_ids("you") in short
 
 
 def test_bad_question_files_fail_clearly(tmp_path):

@@ -17,7 +17,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from salsa.infra.cache import Entry
 from salsa.merge.soup import soup_lora_adapters
 from salsa.models.adapter_actors import build_adapter_actors
-from salsa.models.qlora import AdapterError, BaseSettings, LoraSettings, load_base, quantization_config
+from salsa.models.qlora import (
+    AdapterError,
+    BaseSettings,
+    LoraSettings,
+    load_base,
+    new_adapter_model,
+    quantization_config,
+)
 from salsa.models.shared_base import SharedBase, read_adapter
 from tests.hub_fixtures import ARCHS, tiny_checkpoint
 
@@ -277,3 +284,32 @@ def test_4bit_path_is_portable(tmp_path, monkeypatch):
         rollout = model(input_ids=seq).logits
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     torch.testing.assert_close(rollout, with_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_reward_head_and_adapters_train_in_float32_on_a_bf16_base(tmp_path, monkeypatch):
+    """On a GPU the base computes in bf16. The reward model's head and adapters must still be float32: at the reward
+    model's learning rate (5e-5) Adam's steps are below bf16's resolution for the head's weights."""
+    from salsa.models import qlora
+    from salsa.stages.rm import RewardModule
+
+    monkeypatch.setattr(qlora, "compute_dtype", lambda device: torch.bfloat16)  # as on a GPU
+    ckpt = tiny_checkpoint(tmp_path / "base", "gemma")
+    settings = BaseSettings(str(ckpt), quant="none", gradient_checkpointing=False,
+                            lora=LoraSettings(r=2, target_modules=TARGETS))  # fmt: skip
+    torch.manual_seed(0)
+    _, adapter = new_adapter_model(settings, "cpu", scalar_head=True)
+    model = adapter.get_base_model()
+    assert next(p for n, p in model.named_parameters() if "embed" in n).dtype == torch.bfloat16  # the base
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and all(p.dtype == torch.float32 for p in trainable.values())
+    head = {n: p.detach().clone() for n, p in trainable.items() if "score" in n}
+    module = RewardModule(model, lr=5e-5, warmup_steps=0, total_steps=10)
+    opt = module.configure_optimizers()["optimizer"]
+    seq = torch.randint(6, 40, (4, 9))
+    for _ in range(3):
+        r_chosen, r_rejected = module({"input_ids": seq, "attention_mask": torch.ones_like(seq)})
+        (-(r_chosen - r_rejected).sigmoid().log().mean() + r_chosen.pow(2).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    changed = [(trainable[n].detach() != w).float().mean().item() for n, w in head.items()]
+    assert min(changed) > 0.9  # (nearly) every head weight moved; in bf16 almost none would

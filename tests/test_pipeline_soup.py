@@ -59,3 +59,25 @@ def test_greedy_and_weighted_soups(shared_cache):
         assert abs(sum(entry.manifest["weights"]) - 1.0) < 1e-9
         if soup == "weighted":
             assert entry.manifest["weights"] == pytest.approx([0.5, 0.3, 0.2])
+
+
+def test_heldout_loss_in_logit_budgets(shared_cache):
+    """Scoring in batches sized by a logit budget (one row at a time, here) gives the loss of one big batch, and
+    batches of a 256k vocabulary stay within the budget."""
+    from salsa.stages.lm import HELDOUT_BYTES_PER_LOGIT, heldout_batches
+
+    cfg = make_cfg(shared_cache, "stage=sft", "ref=sft")
+    ctx = Context.from_cfg(cfg)
+    run(cfg, ctx)
+    sft0 = ctx.entries[1]
+    tok = load_tokenizer(sft0.path)
+    val = LMDataset.from_examples(tok, ctx.data.sft_val, cfg.sft.max_prompt_length, cfg.sft.max_response_length)
+    model = load_causal_lm(sft0.path)
+    one_batch = heldout_loss(model, val, tok.pad_token_id)
+    assert len(heldout_batches(val, len(tok))) == 1
+    budget = 1  # below one row: every row is its own batch
+    assert len(heldout_batches(val, len(tok), logits_budget=budget)) == len(val)
+    assert heldout_loss(model, val, tok.pad_token_id, logits_budget=budget) == pytest.approx(one_batch, rel=1e-6)
+    gib = 1024**3
+    for rows, keep in heldout_batches(val, 256_000, logits_budget=gib):
+        assert len(rows) == 1 or len(rows) * keep * 256_000 * HELDOUT_BYTES_PER_LOGIT <= gib

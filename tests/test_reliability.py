@@ -143,6 +143,41 @@ def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # Concurrency
 # ---------------------------------------------------------------------------------------------------------------
+def test_failure_after_training_keeps_the_trained_weights(tmp_path, monkeypatch):
+    """The held-out loss failing (say, out of memory) after SFT has trained: the rerun restores the trained weights
+    from the stage's last checkpoint instead of training again, and the published stage holds no checkpoints."""
+    from safetensors.torch import load_file
+
+    from salsa.infra.context import Context
+    from salsa.pipeline import run
+    from salsa.stages import lm, sft
+
+    cfg = make_cfg(tmp_path, "stage=sft", "ref=sft")
+    real = sft.heldout_loss
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(sft, "heldout_loss", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(cfg, Context.from_cfg(cfg))
+    (partial,) = (tmp_path / "cache" / "sft").glob("*.partial")
+    trained = load_file(partial / "model.safetensors")
+    assert (partial / "checkpoints" / "last.ckpt").is_file()
+
+    steps = []
+    original_step = lm.SFTModule.training_step
+    monkeypatch.setattr(lm.SFTModule, "training_step", lambda self, *a: steps.append(1) or original_step(self, *a))
+    monkeypatch.setattr(sft, "heldout_loss", real)
+    run(cfg, Context.from_cfg(cfg))
+    assert steps == []  # nothing trained again
+    (published,) = [p for p in (tmp_path / "cache" / "sft").iterdir() if p.is_dir() and "." not in p.name]
+    assert not (published / "checkpoints").exists()
+    again = load_file(published / "model.safetensors")
+    for k in trained:
+        torch.testing.assert_close(again[k], trained[k], rtol=0, atol=0)
+
+
 def test_four_jobs_at_once_on_a_cold_cache(tmp_path):
     """Overlapping needs (base, SFT ingredients, RM, the PPO baseline): each stage is built exactly once. All four
     ask for the same run directory (as runs started in one second do): each gets its own, nothing is lost."""

@@ -1,5 +1,6 @@
 """The tiny model's tokenizer: trained on the task, round-trips its text, saves as a Hugging Face tokenizer."""
 
+import pytest
 from transformers import AutoTokenizer
 
 from salsa.data.synthetic import SyntheticTask
@@ -37,3 +38,24 @@ def test_chat_format():
     assert response_ids(tok, "the fox runs", ended=False)[-1] != tok.eos_token_id
     # truncation keeps the generation prompt at the end
     assert prompt_ids(tok, "tell me about the fox .", max_length=4)[-1] == ids[-1]
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_long_prompts_lose_text_not_bos_or_template(template):
+    """An over-long prompt keeps BOS, the user marker and the generation prompt; the start of its text is cut."""
+    from salsa.data.tokens import prompt_ids
+    from tests.hub_fixtures import WORDS, word_tokenizer
+
+    tok = word_tokenizer(chat_template=template, pad=True)
+    text = " ".join(WORDS[:40])
+    full = prompt_ids(tok, text)
+    cut = prompt_ids(tok, text, max_length=10)
+    assert len(full) > 10 and len(cut) == 10
+    assert cut[0] == tok.bos_token_id == full[0]
+    head = 2 if template else 1  # <bos> <user>, or <bos>
+    tail = 1 if template else 0  # <assistant> (the generation prompt)
+    assert cut[:head] == full[:head] and cut[len(cut) - tail :] == full[len(full) - tail :]
+    text_ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert cut[head : len(cut) - tail] == text_ids[-(10 - head - tail) :]  # the end of the text
+    with pytest.raises(ValueError, match="no room for the text"):
+        prompt_ids(tok, text, max_length=head + tail)

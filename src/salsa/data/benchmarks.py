@@ -17,7 +17,6 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +72,6 @@ def question_temperature(question: dict[str, Any], default: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Conversations and answer records
 # ---------------------------------------------------------------------------------------------------------------
-def conversation_ids(tokenizer, messages: Sequence[dict[str, str]], max_length: int | None = None) -> list[int]:
-    """Token ids of a conversation ending in a user turn, ready for the assistant's answer. Uses the chat template
-    when the tokenizer has one, else the plain format of `salsa.data.prompt_ids` extended to several turns."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_dict=False))
-    else:
-        text = "".join(f"{m['content']}\n\n" for m in messages)
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_length is not None and len(ids) > max_length:
-        ids = ids[-max_length:]  # keep the end: the generation prompt must stay
-    return ids
-
-
 def markdown_counts(text: str) -> dict[str, dict[str, int]]:
     """Headers, lists and bold spans outside code blocks: the style features Arena-Hard's style control reads."""
     text = CODE_BLOCK.sub("", text)

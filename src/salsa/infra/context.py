@@ -77,6 +77,7 @@ class Context:
             with self.tracker.child(stage, key) as run_id:
                 meta = fn(work, run_id) or {}
                 self.tracker.log_metrics(run_id, {f"final/{k}": v for k, v in meta.get("metrics", {}).items()})
+            shutil.rmtree(work / CKPT_DIR, ignore_errors=True)  # built: the published stage keeps its outputs only
             return {**meta, "run_id": run_id}
 
         entry = self.cache.get_or_build(stage, spec, build)

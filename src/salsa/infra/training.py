@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -103,7 +102,9 @@ def fit_resumable(
     **trainer_kwargs,
 ) -> pl.Trainer:
     """Fit `module` for `max_epochs` epochs, checkpointing into `work/checkpoints`, resuming from `last.ckpt` if an
-    earlier attempt left one. Checkpoints are removed after success: the published stage keeps only its weights."""
+    earlier attempt left one. The checkpoints stay until the stage is published (`Context.build` removes them then):
+    if a later step of the same stage fails (saving, the held-out loss), the rerun restores the trained weights from
+    the last checkpoint instead of training again."""
     ckpt_dir = work / CKPT_DIR
     last = ckpt_dir / LAST
     resume = last if last.is_file() else None
@@ -113,6 +114,4 @@ def fit_resumable(
     callbacks = [*trainer_kwargs.pop("callbacks", []), AtomicLastCheckpoint(ckpt_dir, ckpt_every)]
     trainer = trainer_factory(max_epochs=max_epochs, callbacks=callbacks, **trainer_kwargs)
     trainer.fit(module, train_dataloaders=train_dataloaders, ckpt_path=resume, weights_only=True)
-    if trainer.is_global_zero:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return trainer

@@ -188,15 +188,43 @@ def checkpoint_trainable_only(module: nn.Module) -> nn.Module:
     return module
 
 
+class ScalarHead(nn.Linear):
+    """The reward/value head: hidden → one number, in float32 whatever the base's compute dtype."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden.to(self.weight.dtype))
+
+
+def float32_head(model: nn.Module) -> None:
+    """Replace the reward model's `score` head by a float32 `ScalarHead` with the same initial weights.
+
+    On GPUs the base computes in bf16 and its fresh head would be bf16 too; peft upcasts only the LoRA layers, so
+    the head would train in bf16, where an Adam step of ~lr (5e-5) is below the resolution of weights of ~0.02 and
+    most updates round away. Every trainable tensor of the pipeline trains in float32.
+    """
+    old = getattr(model, HEAD)
+    head = ScalarHead(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device)
+    with torch.no_grad():
+        head.weight.copy_(old.weight.float())
+        if old.bias is not None:
+            head.bias.copy_(old.bias.float())
+    setattr(model, HEAD, head)
+
+
 def new_adapter_model(settings: BaseSettings, device: torch.device | str, scalar_head: bool = False):
     """(tokenizer, peft model): a fresh trainable LoRA adapter on the frozen base, for SFT (a causal LM) or the
-    reward model (`scalar_head`: a one-output head, trained and saved with the adapter). Seed torch first: the
-    adapter's initial A is random."""
+    reward model (`scalar_head`: a one-output float32 head, trained and saved with the adapter). Adapters and head
+    train in float32 whatever the base's compute dtype. Seed torch first: the adapter's initial A is random."""
     model = load_base(settings, device, scalar_head=scalar_head)
+    if scalar_head:
+        float32_head(model)
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     extra = {"task_type": "SEQ_CLS", "modules_to_save": [HEAD]} if scalar_head else {"task_type": "CAUSAL_LM"}
-    adapted = peft().get_peft_model(model, settings.lora.config(**extra))
+    adapted = peft().get_peft_model(model, settings.lora.config(**extra), autocast_adapter_dtype=True)
+    for p in adapted.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     checkpoint_trainable_only(adapted.get_base_model())  # also when the adapted model is trained unwrapped (RM)
     return base_tokenizer(settings), checkpoint_trainable_only(adapted)
 

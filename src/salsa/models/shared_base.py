@@ -23,7 +23,16 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-from salsa.models.qlora import HEAD, AdapterError, BaseSettings, LoraSettings, enable_checkpointing, load_base, peft
+from salsa.models.qlora import (
+    HEAD,
+    AdapterError,
+    BaseSettings,
+    LoraSettings,
+    ScalarHead,
+    enable_checkpointing,
+    load_base,
+    peft,
+)
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -45,13 +54,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     if unknown:
         raise AdapterError(f"{path}: adapter tensors other than LoRA factors and a '{HEAD}' head: {unknown[:3]}")
     return config, lora, head
-
-
-class ScalarHead(nn.Linear):
-    """The reward/value head: hidden → one number, in float32 whatever the base's compute dtype."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden.to(self.weight.dtype))
 
 
 class SharedBase(nn.Module):
@@ -231,6 +233,9 @@ class CausalView(_View):
     def generate(self, *args, **kwargs):
         with self.shared.active(self.names):
             return self.shared.lm.generate(*args, **kwargs)
+
+    def get_output_embeddings(self):
+        return self.shared.lm.get_output_embeddings()
 
 
 class _Backbone(_View):

@@ -11,7 +11,6 @@ from typing import Any
 from salsa.data.benchmarks import (
     answer_file,
     answer_record,
-    conversation_ids,
     question_temperature,
     question_turns,
     read_questions,
@@ -38,7 +37,7 @@ def export_answers(
     """Answer every turn of every question (turn j sees the answers to turns < j) and write the answer file."""
     import torch
 
-    from salsa.data.tokens import pad_left
+    from salsa.data.tokens import chat_ids, pad_left
     from salsa.models.generation import decode, sample
 
     device = next(model.parameters()).device
@@ -63,7 +62,7 @@ def export_answers(
                             {"role": "assistant", "content": answers[i][k]},
                         ]
                     messages.append({"role": "user", "content": turns[i][j]})
-                    ids.append(conversation_ids(tokenizer, messages, max_prompt_length))
+                    ids.append(chat_ids(tokenizer, messages, max_prompt_length))
                 query = pad_left(ids, tokenizer.pad_token_id).to(device)
                 mask = pad_left([[1] * len(x) for x in ids], 0).to(device)
                 s = sample(model, tokenizer, query, mask, max_new_tokens, temp if temp > 0 else 1.0, temp > 0)

@@ -107,18 +107,51 @@ def fit_lm(
     return module
 
 
+# bytes per logit while a batch is scored: the model's logits, their float32 copy and cross-entropy's log-softmax
+HELDOUT_BYTES_PER_LOGIT = 12
+
+
+def heldout_batches(
+    dataset: LMDataset, vocab: int, max_rows: int = 128, logits_budget: int = 2 * 1024**3
+) -> list[tuple[list[int], int]]:
+    """Batches for scoring `dataset`: (item indices, positions whose logits are needed).
+
+    Only the positions that predict a target token need logits, so each batch keeps `keep` positions at its end
+    (the items are right-padded). Rows are added while rows × keep × vocab logits fit `logits_budget` bytes: at a
+    256k vocabulary and 256 target tokens one row's logits are already ~0.8 GB, so big-vocabulary models are scored
+    a few rows at a time, and the tiny model 128 rows at a time.
+    """
+    batches, rows, width, first = [], [], 0, None
+    for i in range(len(dataset)):
+        context, target = dataset[i]
+        w = max(width, len(context) + len(target))
+        f = max(1, len(context)) if first is None else min(first, max(1, len(context)))  # position 0 has no logit
+        keep = w - f + 1
+        if rows and (len(rows) == max_rows or (len(rows) + 1) * keep * vocab * HELDOUT_BYTES_PER_LOGIT > logits_budget):
+            batches.append((rows, width - first + 1))
+            rows, w, f = [], len(context) + len(target), max(1, len(context))
+        rows.append(i)
+        width, first = w, f
+    if rows:
+        batches.append((rows, width - first + 1))
+    return batches
+
+
 @torch.inference_mode()
-def heldout_loss(model, dataset: LMDataset, pad_id: int, batch_size: int = 128) -> float:
-    """Token-weighted mean cross-entropy of `model` on the target tokens of `dataset`."""
+def heldout_loss(
+    model, dataset: LMDataset, pad_id: int, max_rows: int = 128, logits_budget: int = 2 * 1024**3
+) -> float:
+    """Token-weighted mean cross-entropy of `model` on the target tokens of `dataset`, scored in batches whose
+    logits stay within `logits_budget` bytes (`heldout_batches`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
     total, count = 0.0, 0
-    for i in range(0, len(dataset), batch_size):
-        batch = lm_batch([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll, n = lm_token_nll(logits, batch["labels"])
+    for rows, keep in heldout_batches(dataset, vocab, max_rows, logits_budget):
+        batch = {k: v.to(device) for k, v in lm_batch([dataset[j] for j in rows], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        nll, n = lm_token_nll(logits, batch["labels"][:, -keep:])
         total, count = total + nll.item(), count + n.item()
     model.train(was_training)
     return total / max(count, 1)
