@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from salsa.cli import unique_dir
 from tests.conftest import CONF, make_cfg
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in {"hydra", "paths", "extras"})
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in {"hydra", "paths", "extras", "scale"})
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -81,3 +81,31 @@ def test_each_group_has_a_typed_config_and_checks(tmp_path):
         config.PPOConfig(batch_size=10, num_minibatches=3).check("ppo")
     with pytest.raises(config.ConfigError, match="^ref.soup: "):
         config.RefConfig(name="x", soup=False, ingredients=[0, 1]).check("ref")
+
+
+@pytest.mark.parametrize(("preset", "batch"), [("gemma2b", 8), ("llama2_7b", 16), ("mistral7b", 16)])
+def test_hub_presets_bring_their_scale(tmp_path, preset, batch):
+    """`model=<hub preset>` alone is a run at that model's scale, not the tiny model's settings; the command line
+    still overrides it."""
+    from salsa.config import scale_warnings
+
+    cfg = make_cfg(tmp_path, f"model={preset}", debug=False)
+    assert cfg.ppo.response_length == cfg.ppo.max_prompt_length == cfg.sft.max_response_length == 256
+    assert cfg.sft.lr == 2e-4 and cfg.rm.lr == 5e-5 and cfg.ppo.lr == 1e-5 and cfg.ppo.batch_size == batch
+    assert scale_warnings(cfg) == []
+    assert make_cfg(tmp_path, f"model={preset}", "ppo.lr=3e-6", debug=False).ppo.lr == 3e-6
+    paper = make_cfg(tmp_path, f"experiment=paper_{preset}", debug=False)
+    assert paper.ppo == cfg.ppo and paper.data.name == "ultrafeedback" and paper.ref.name == "soup2"
+
+
+def test_settings_that_make_no_sense_are_refused_or_warned(tmp_path):
+    from salsa.config import check_groups, scale_warnings
+    from salsa.errors import ConfigError
+
+    # a checkpoint under model=tiny keeps the tiny model's settings: said, with the fix
+    cfg = make_cfg(tmp_path, "model.name_or_path=/ckpt", debug=False)
+    (tiny_settings, lengths) = scale_warnings(cfg)
+    assert "model=gemma2b model.name_or_path=/ckpt" in tiny_settings and "ppo.response_length=40" in lengths
+    # the tiny model cannot pretrain on a hub dataset that gives it no documents
+    with pytest.raises(ConfigError, match="^model: model=tiny is pretrained on the task's documents"):
+        check_groups(make_cfg(tmp_path, "data=ultrafeedback", debug=False))

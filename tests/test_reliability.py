@@ -305,6 +305,7 @@ BAD_INPUTS = {
     "weights without positive sum": (["soup=weighted", "soup.weights=[1,-1,0]"], "soup.weights"),
     "zero response length": (["ppo.response_length=0"], "ppo.response_length"),
     "batch not divisible": (["ppo.batch_size=10", "ppo.num_minibatches=3"], "ppo.num_minibatches"),
+    "batch over 8 processes": (["trainer=ddp", "trainer.devices=8", "sft.batch_size=4"], "sft.batch_size: 4 does not"),
     "missing model dir": (["model.name_or_path=/no/such/dir"], "model.name_or_path"),
     "hub id not available offline": (["model.name_or_path=nobody/no-such-model"], "model.name_or_path"),
     "missing safetensors": (["model.name_or_path={missing}"], "no safetensors weights"),

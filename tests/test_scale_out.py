@@ -78,3 +78,23 @@ def test_other_ranks_build_in_scratch_and_publish_nothing(tmp_path, monkeypatch)
     assert seen["ckpt"] == "rank 0's checkpoint" and seen["work"].name == f"{key}.rank0-1"
     assert entry.path == seen["work"] and entry.manifest["metrics"] == {"val_loss": 1.5}
     assert ctx.cache.lookup("sft", key) is None and ctx.cache.builds() == []
+
+
+@pytest.mark.parametrize("world", [1, 3, 8])
+def test_plan_sampler_gives_every_process_rows(world, monkeypatch):
+    """Each rank takes its slice of every planned batch; a last batch smaller than the world is left out, so no rank
+    ever gets an empty batch (which crashed padding), and all ranks see the same number of batches."""
+    from salsa.infra.training import PlanSampler, batch_plan
+
+    plan = batch_plan(n=42, batch_size=8, epochs=1, seed=0)  # 5 batches of 8 and one of 2
+    served = []
+    for rank in range(world):
+        sampler = PlanSampler(plan, chunk=100)
+        monkeypatch.setattr(sampler, "_rank", lambda r=rank: (r, world))
+        served.append(list(sampler))
+        assert len(sampler) == len(served[-1])
+    assert len({len(s) for s in served}) == 1
+    assert all(batch for s in served for batch in s)
+    covered = sorted(i for s in served for batch in s for i in batch)
+    expected = sorted(i for b in plan if len(b) >= world for i in b)
+    assert covered == expected

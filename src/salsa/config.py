@@ -484,8 +484,82 @@ def check_groups(cfg: Any) -> None:
     for group in CHECKED_GROUPS:
         typed(cfg[group], _resolve_type(types[group])).check(group)
     typed(cfg.soup, SoupConfig).check("soup", len(cfg.ref.ingredients))
+    check_data_parallel(cfg)
+    check_model_and_data(cfg)
     if cfg.get("landscape") is not None:
         typed(cfg.landscape, LandscapeConfig).check("landscape")
+
+
+def world_size(trainer: Any) -> int | None:
+    """Processes a data-parallel Trainer config runs (devices × nodes); 1 without a parallel strategy, None when
+    only the machine can tell (`devices: auto`)."""
+    strategy = str(trainer.get("strategy") or "")
+    if not any(s in strategy for s in ("ddp", "fsdp", "deepspeed")):
+        return 1
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if isinstance(devices, list | tuple):
+        return len(devices) * nodes
+    return None
+
+
+def check_data_parallel(cfg: Any) -> None:
+    """Each of the world's processes takes an equal slice of every SFT, RM and pretraining batch."""
+    world = world_size(cfg.trainer)
+    if not world or world == 1:
+        return
+    keys = ["sft.batch_size", "rm.batch_size"] + (["model.pretrain.batch_size"] if cfg.model.get("pretrain") else [])
+    from omegaconf import OmegaConf
+
+    for key in keys:
+        size = OmegaConf.select(cfg, key)
+        if size % world:
+            raise ConfigError(
+                key,
+                f"{size} does not split evenly over the {world} processes of trainer={cfg.trainer.get('strategy')}"
+                f" (devices × num_nodes): use a multiple of {world}",
+            )
+
+
+# below these, a hub model's prompts and answers are cut almost everywhere (the tiny model's defaults are 32-48)
+HUB_MIN_LENGTHS = {
+    "sft.max_prompt_length": 64, "sft.max_response_length": 64, "rm.max_prompt_length": 64,
+    "rm.max_response_length": 64, "ppo.max_prompt_length": 64, "ppo.response_length": 64,
+}  # fmt: skip
+
+
+def check_model_and_data(cfg: Any) -> None:
+    """Combinations that cannot run: the tiny model needs the task's documents to pretrain on."""
+    task = cfg.data.get("task") or {}
+    if not cfg.model.get("name_or_path") and task.get("n_pretrain", 1) == 0:
+        raise ConfigError(
+            "model",
+            f"model={cfg.model.name} is pretrained on the task's documents and data={cfg.data.name} has none "
+            "(data.task.n_pretrain=0): use a hub preset (model=gemma2b|llama2_7b|mistral7b), model.name_or_path="
+            "/a/local/checkpoint, or data.task.n_pretrain=N demonstrations as documents",
+        )
+
+
+def scale_warnings(cfg: Any) -> list[str]:
+    """Combinations that run but make little sense: a checkpoint trained with the tiny model's settings."""
+    from omegaconf import OmegaConf
+
+    if not cfg.model.get("name_or_path"):
+        return []
+    out = []
+    if cfg.model.name == "tiny":
+        out.append(
+            f"model.name_or_path={cfg.model.name_or_path} under model=tiny keeps the tiny model's lengths, learning "
+            "rates and batch sizes; for settings at a hub model's scale use a preset with your checkpoint, e.g. "
+            f"model=gemma2b model.name_or_path={cfg.model.name_or_path}"
+        )
+    short = [
+        f"{k}={OmegaConf.select(cfg, k)}" for k, least in HUB_MIN_LENGTHS.items() if OmegaConf.select(cfg, k) < least
+    ]
+    if short:
+        out.append(f"{', '.join(short)}: this short, a hub model's prompts and answers are cut almost everywhere")
+    return out
 
 
 def _resolve_type(name: Any) -> type:

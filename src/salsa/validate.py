@@ -9,15 +9,18 @@ is a `ConfigError` whose message starts with the offending key and says what is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from salsa.config import check_groups
+from salsa.config import check_groups, scale_warnings
 from salsa.data.schemas import SPLIT_COLUMNS, DataFileError, check_local_dataset
 from salsa.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("salsa")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,8 +71,50 @@ def check_checkpoint_dir(path: Path, key: str = "model.name_or_path") -> None:
             raise ConfigError(key, str(e)) from e
 
 
-def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> None:
-    """A local checkpoint directory, or a hub id that is already in the local Hugging Face cache when offline."""
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_problem(
+    repo: str, local: str, repo_type: str = "model", revision: str | None = None, timeout: float = 5.0
+) -> str | None:
+    """Why `repo` cannot be downloaded from the hub now (None if it can), asking for one small file's metadata with a
+    timeout, so an unreachable hub is told in seconds rather than after a minute of retries in the middle of a run.
+    `local` says how to use a local copy instead (e.g. `model.name_or_path=/a/local/copy`)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo}"
+    probe = "config.json" if repo_type == "model" else "README.md"
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, probe, repo_type=repo_type, revision=revision), timeout=timeout)
+    except GatedRepoError:
+        return (
+            f"{repo} is gated: accept its licence at {page} and set HF_TOKEN to a token of that account, or set {local}"
+        )
+    except RepositoryNotFoundError:
+        return f"{repo} is not on the hub, or is private (set HF_TOKEN to a token that can read it)"
+    except RevisionNotFoundError:
+        return f"{repo} has no revision {revision!r}"
+    except HfHubHTTPError as e:
+        return f"the hub answered {getattr(e.response, 'status_code', '?')} for {repo} ({str(e).splitlines()[0]})"
+    except Exception as e:  # connection refused, DNS, timeout, proxy
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return (
+            f"{repo} is not in the local Hugging Face cache and the hub cannot be reached ({reason}): download it "
+            f"where the hub is reachable (hf download {repo}{' --repo-type dataset' if repo_type == 'dataset' else ''}"
+            f") and run with HF_HUB_OFFLINE=1, or set {local}"
+            + (
+                "; gated models (Gemma, Llama 2) need their licence accepted on the hub and HF_TOKEN set"
+                if repo_type == "model"
+                else ""
+            )
+        )
+    return None
+
+
+def check_model_source(name_or_path: str, key: str = "model.name_or_path", revision: str | None = None) -> None:
+    """A local checkpoint directory, or a hub id that is in the local Hugging Face cache or can be downloaded now."""
     path = Path(os.path.expanduser(name_or_path))
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
     if looks_local:
@@ -79,12 +124,26 @@ def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> No
         return
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(name_or_path, "config.json")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if not isinstance(cached, str) and offline:
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json", revision=revision), str):
+        return
+    if offline():
         raise ConfigError(
             key, f"{name_or_path} is neither a local directory nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
         )
+    problem = hub_problem(name_or_path, f"{key}=/a/local/copy", revision=revision)
+    if problem:
+        raise ConfigError(key, problem)
+
+
+def check_dataset_source(dataset: str, key: str = "data.path") -> None:
+    """A hub dataset the loader will download (no `data.path`): in the cache, or reachable now."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if offline() or isinstance(try_to_load_from_cache(dataset, "README.md", repo_type="dataset"), str):
+        return
+    problem = hub_problem(dataset, f"{key}=/dir with its splits' files (README: Hub datasets)", repo_type="dataset")
+    if problem:
+        raise ConfigError(key, problem)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,6 +153,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value a run would trip over: each group's own checks (`salsa.config`), then
     the files the config names."""
     check_groups(cfg)
+    for warning in scale_warnings(cfg):
+        log.warning(warning)
     task = cfg.data.get("task") or {}
     if task.get("kind") in SPLIT_COLUMNS and cfg.data.get("path"):
         try:
@@ -101,4 +162,6 @@ def validate(cfg: DictConfig) -> None:
         except DataFileError as e:
             raise ConfigError("data.path", str(e)) from e
     if cfg.model.get("name_or_path"):
-        check_model_source(str(cfg.model.name_or_path))
+        check_model_source(str(cfg.model.name_or_path), revision=cfg.model.get("revision"))
+    if task.get("dataset") and not cfg.data.get("path"):
+        check_dataset_source(str(task.dataset))

@@ -57,13 +57,19 @@ class PlanSampler(Sampler[list[int]]):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def _epoch_batches(self) -> list[list[int]]:
+        """This epoch's planned batches; under data parallelism a last batch too small to give every process a row
+        is left out (the config check makes every full batch a multiple of the world size)."""
+        _, world = self._rank()
+        return [b for b in self.plan[self.epoch * self.chunk : (self.epoch + 1) * self.chunk] if len(b) >= world]
+
     def __iter__(self):
         rank, world = self._rank()
-        for batch in self.plan[self.epoch * self.chunk : (self.epoch + 1) * self.chunk]:
+        for batch in self._epoch_batches():
             yield batch[rank::world]
 
     def __len__(self) -> int:
-        return len(self.plan[self.epoch * self.chunk : (self.epoch + 1) * self.chunk])
+        return len(self._epoch_batches())
 
 
 class AtomicLastCheckpoint(pl.Callback):
