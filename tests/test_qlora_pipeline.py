@@ -44,9 +44,23 @@ def test_qlora_pipeline_on_local_checkpoint_and_files(tmp_path):
         "eval.answers.max_new_tokens=5",
         "eval.answers.model_id=salsa-test",
     )
+    from salsa.models import qlora
+
+    loads_before = len(qlora.LOADED)
     ctx = Context.from_cfg(cfg)
     results = run(cfg, ctx)
-    assert results["judge"] == "rm" and results["gold_reward"] is None
+    # each stage that needs the base loads it once and frees it when it ends: never two bases in memory
+    loads = qlora.LOADED[loads_before:]
+    built = [e.stage for e in ctx.entries if not e.reused and e.stage != "base"]
+    assert len(loads) == len(built) and max(alive for _, _, alive in loads) == 1
+    assert all(ref() is None for _, ref, _ in loads)
+    # on hub data the judge is a second reward model, trained with another seed on pairs the policy's never saw
+    assert results["judge"] == "heldout_rm" and results["gold_reward"] is None
+    (policy_rm,) = [e for e in ctx.entries if e.stage == "rm" and e.manifest["role"] == "policy"]
+    (judge_rm,) = [e for e in ctx.entries if e.stage == "rm" and e.manifest["role"] == "judge"]
+    assert results["judge_model"] == judge_rm.key != policy_rm.key
+    assert policy_rm.manifest["spec"]["pairs"] == [0, 8] and judge_rm.manifest["spec"]["pairs"] == [8, 16]
+    assert 0.0 <= results["judge_accuracy"] <= 1.0
     assert 0.0 <= results["win_rate_vs_sft"] <= 1.0 and 0.0 <= results["win_rate_vs_ppo"] <= 1.0
     entries = {}
     for e in ctx.entries:

@@ -51,3 +51,28 @@ def test_plain_ppo_has_no_ppo_baseline(shared_cache):
     results = json.loads((shared_cache / "out" / "results.json").read_text())
     assert results["win_rate_vs_ppo"] is None and results["ref"] == "sft"
     assert 0.0 <= results["win_rate_vs_sft"] <= 1.0
+
+
+def test_a_local_reward_model_can_judge(shared_cache, tmp_path):
+    """`eval.judge=/path` scores the answers' text with that model and its own tokenizer (here a different
+    vocabulary from the policy's); only the evaluation is redone, and results.json names the judge."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from salsa.infra.context import Context
+    from salsa.pipeline import run
+    from tests.hub_fixtures import arch_config, word_tokenizer
+
+    tok = word_tokenizer(chat_template=True, pad=True)
+    torch.manual_seed(0)
+    config = arch_config("llama", len(tok), tok)
+    config.num_labels = 1
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "judge")
+    tok.save_pretrained(tmp_path / "judge")
+    cfg = make_cfg(shared_cache, f"eval.judge={tmp_path / 'judge'}")
+    ctx = Context.from_cfg(cfg)
+    results = run(cfg, ctx)
+    assert results["judge"] == f"path:{tmp_path / 'judge'}" and results["judge_model"] == str(tmp_path / "judge")
+    assert 0.0 <= results["win_rate_vs_sft"] <= 1.0 and isinstance(results["judge_reward"], float)
+    assert results["gold_reward"] is not None  # the gold reward is still reported beside the chosen judge
+    assert "eval" in [e.stage for e in ctx.entries if not e.reused]

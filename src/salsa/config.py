@@ -24,6 +24,7 @@ SOUP_METHODS = ("uniform", "weighted", "greedy")
 KL_ESTIMATORS = ("k1", "k3")
 QUANT = ("nf4", "none")  # model.quant of hub/local checkpoints (salsa.models.qlora)
 BENCHMARKS = ("mt_bench", "arena_hard")  # eval.export (salsa.data.benchmarks)
+JUDGES = ("auto", "gold", "heldout_rm", "rm")  # eval.judge, besides a path (salsa.stages.evaluate)
 
 # the repository this package runs from (src/salsa/config.py -> the repo root), unless SALSA_ROOT says otherwise
 REPO_ROOT = Path(os.environ.get("SALSA_ROOT", Path(__file__).resolve().parents[2]))
@@ -346,6 +347,12 @@ class EvalConfig(Group):
     response_length: int = 40
     max_prompt_length: int = 32
     tie_tolerance: float = 1e-6
+    # who judges the win rates: auto = gold on the embedded task, heldout_rm on hub data; gold; heldout_rm = a second
+    # reward model trained (seed rm.seed + 1) on `judge_share` of the preference pairs, which the policy's reward
+    # model never sees; rm = the policy's own reward model (not independent: it rewards the policy's hacks); or a path
+    # to a local sequence-classification reward model (with its tokenizer), which reads the answers' text
+    judge: str = "auto"
+    judge_share: float = 0.5  # heldout_rm: the share of the training pairs kept for the judge
     export: str | None = None  # mt_bench | arena_hard: also write the policy's answers for that benchmark's judge
     answers: AnswersConfig = field(default_factory=AnswersConfig)
 
@@ -354,6 +361,13 @@ class EvalConfig(Group):
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
+        if self.judge not in JUDGES and not Path(os.path.expanduser(self.judge)).is_dir():
+            raise ConfigError(
+                f"{prefix}.judge",
+                f"must be one of {', '.join(JUDGES)} or a local reward model directory; got {self.judge!r}",
+            )
+        if not 0 < self.judge_share < 1:
+            raise ConfigError(f"{prefix}.judge_share", f"must be between 0 and 1 (exclusive), got {self.judge_share!r}")
         if self.do_sample:
             positive(f"{prefix}.temperature", self.temperature)
         if self.export:

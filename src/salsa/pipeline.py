@@ -21,7 +21,7 @@ from salsa.infra.context import Context
 from salsa.stages.base import run_base
 from salsa.stages.evaluate import run_eval
 from salsa.stages.export import run_export
-from salsa.stages.rm import run_rm
+from salsa.stages.rm import judge_kind, run_rm
 from salsa.stages.sft import run_sft
 from salsa.stages.soup import run_soup
 
@@ -83,7 +83,9 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> dict[str, Any]:
         plain = init.key == ref.key == sft[0].key
         baseline = None if plain else algo.run(ctx, sft[0], sft[0], reward, "sft")
     if last >= STAGES.index("eval"):
-        evaluation = run_eval(ctx, policy, sft[0], baseline, rm, ref)
+        # an independent judge: on hub data a second reward model that never saw the policy's reward model's pairs
+        judge = run_rm(ctx, base, role="judge") if judge_kind(cfg, ctx.data) == "heldout_rm" else None
+        evaluation = run_eval(ctx, policy, sft[0], baseline, rm, ref, judge)
         results.update(evaluation.manifest["results"])
         if cfg.eval.get("export"):  # the policy's answers for an official judge (MT-Bench, Arena-Hard)
             exported = run_export(ctx, policy)

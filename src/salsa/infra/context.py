@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -42,6 +43,14 @@ def plain(cfg: Any) -> Any:
     return strip(out)
 
 
+def release_memory() -> None:
+    """Collect what the last stage dropped (Lightning's trainer and module refer to each other, so reference
+    counting alone does not free them) and return the GPU's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @dataclass
 class Context:
     cfg: DictConfig
@@ -74,9 +83,16 @@ class Context:
             if connected():  # DDP: tell the other ranks to join this build (decided under the cache's lock)
                 broadcast_from_zero(True)
             log.info("[%s] building %s in %s", stage, key, work)
-            with self.tracker.child(stage, key) as run_id:
-                meta = fn(work, run_id) or {}
-                self.tracker.log_metrics(run_id, {f"final/{k}": v for k, v in meta.get("metrics", {}).items()})
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                with self.tracker.child(stage, key) as run_id:
+                    meta = fn(work, run_id) or {}
+                    if torch.cuda.is_available():  # what the memory estimator is checked against
+                        meta.setdefault("metrics", {})["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    self.tracker.log_metrics(run_id, {f"final/{k}": v for k, v in meta.get("metrics", {}).items()})
+            finally:
+                release_memory()  # the stage's models are gone: the next stage starts with free memory
             shutil.rmtree(work / CKPT_DIR, ignore_errors=True)  # built: the published stage keeps its outputs only
             return {**meta, "run_id": run_id}
 

@@ -10,10 +10,13 @@ switched on per call (`salsa.models.shared_base`):
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,9 +26,7 @@ from salsa.config import QUANT, LoraSettings
 from salsa.errors import SalsaError
 from salsa.models.hf import load_tokenizer
 
-if TYPE_CHECKING:
-    pass
-
+log = logging.getLogger("salsa")
 HEAD = "score"  # the scalar head of a *ForSequenceClassification model (saved by peft as a module to save)
 
 
@@ -103,9 +104,15 @@ def local_device(device: torch.device | str) -> torch.device:
     return device
 
 
+# every base this process loaded: (name, a weak reference). Stages drop their models when they end and the context
+# collects them (`salsa.infra.context.release_memory`), so at most one base is alive at a time; the log counts loads.
+LOADED: list[tuple[str, weakref.ref, int]] = []  # (name, the model, bases alive when it loaded, itself included)
+
+
 def load_base(settings: BaseSettings, device: torch.device | str, scalar_head: bool = False) -> nn.Module:
     """The frozen base (causal LM, or with a fresh one-output head for the reward model), quantised if asked."""
     device = local_device(device)
+    started = time.time()
     dtype = compute_dtype(device)
     quant = quantization_config(settings.quant, dtype)
     cls = AutoModelForSequenceClassification if scalar_head else AutoModelForCausalLM
@@ -128,6 +135,12 @@ def load_base(settings: BaseSettings, device: torch.device | str, scalar_head: b
     for module in model.modules():  # attention dropout is read at construction; PPO's logprobs need it off
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+    alive = 1 + sum(ref() is not None for _, ref, _ in LOADED)
+    LOADED.append((settings.name_or_path, weakref.ref(model), alive))
+    log.info(
+        "[base] %s loaded (%s, %s) in %.1f s: load %d of this process, %d base(s) in memory",
+        settings.name_or_path, settings.quant, device, time.time() - started, len(LOADED), alive,
+    )  # fmt: skip
     return model
 
 

@@ -14,25 +14,29 @@ import numpy as np
 import torch
 
 from salsa.data.task import judge_answers
-from salsa.data.tokens import report_long_prompts
+from salsa.data.tokens import pad_right, prompt_ids, report_long_prompts, response_ids
 from salsa.functional import adjusted_win_rate, token_logprobs
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.progress import track
 from salsa.models.generation import decode, encode_prompts, sample
-from salsa.models.hf import load_tokenizer, sequence_scores
+from salsa.models.hf import load_reward_model, load_tokenizer, sequence_scores
 from salsa.models.loaders import model_loader
+from salsa.stages.rm import judge_kind
 
 EXPORT_KEYS = ("export", "answers")  # settings of the export stage, which do not change the evaluation
 
 
 @torch.no_grad()
-def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None, name: str = "model") -> dict:
-    """Sample answers in batches; return texts, ended flags, RM scores and (with a reference) sequence KLs."""
+def answer(
+    model, tokenizer, prompts: list[str], e, reward_model, reference=None, name: str = "model", judge_model=None
+) -> dict:
+    """Sample answers in batches; return texts, ended flags, RM scores, (with a reference) sequence KLs and (with a
+    judge reward model on the same tokenizer) the judge's scores."""
     from salsa.models.actors import response_logits
 
     torch.manual_seed(e.seed)  # every model sees the same sampling noise
-    texts, ended, scores, kls = [], [], [], []
+    texts, ended, scores, kls, judged = [], [], [], [], []
     for i in track(range(0, len(prompts), e.batch_size), f"[eval] {name}: generating"):
         chunk = prompts[i : i + e.batch_size]
         query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length, next(model.parameters()).device)
@@ -40,20 +44,63 @@ def answer(model, tokenizer, prompts: list[str], e, reward_model, reference=None
         texts += decode(tokenizer, s)
         ended += s.ended.tolist()
         scores += sequence_scores(reward_model, s.sequences, s.attention_mask).tolist()
+        if judge_model is not None:
+            judged += sequence_scores(judge_model, s.sequences, s.attention_mask).tolist()
         if reference is not None:
             temp = e.temperature if e.do_sample else 1.0
             ref_logp = token_logprobs(
                 response_logits(reference, s.sequences, s.attention_mask, query.size(1)), s.response, temp
             )
             kls += ((s.logprobs - ref_logp) * s.response_mask).sum(1).tolist()
-    return {"texts": texts, "ended": ended, "rm": scores, "kl": kls}
+    out = {"texts": texts, "ended": ended, "rm": scores, "kl": kls}
+    return {**out, "judge": judged} if judge_model is not None else out
 
 
-def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, rm: Entry, reference: Entry) -> Entry:
+class TextJudge:
+    """A sequence-classification reward model from a local directory, with its own tokenizer: it reads each answer's
+    text (prompt through its chat template, response closed by its EOS when the answer ended), as an external judge
+    would, so it need not share the policy's tokenizer or base."""
+
+    def __init__(self, path: str, device, max_prompt: int, max_response: int, batch_size: int = 16):
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_reward_model(path).to(device).eval()
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.max_prompt, self.max_response, self.batch_size = max_prompt, max_response, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], texts: list[str], ended: list[bool]) -> list[float]:
+        tok, device, scores = self.tokenizer, next(self.model.parameters()).device, []
+        for i in range(0, len(prompts), self.batch_size):
+            rows = [
+                prompt_ids(tok, p, self.max_prompt) + response_ids(tok, t, e)[: self.max_response]
+                for p, t, e in zip(prompts[i : i + self.batch_size], texts[i : i + self.batch_size],
+                                   ended[i : i + self.batch_size], strict=True)
+            ]  # fmt: skip
+            ids, mask = pad_right(rows, tok.pad_token_id).to(device), pad_right([[1] * len(r) for r in rows], 0)
+            scores += sequence_scores(self.model, ids, mask.to(device)).tolist()
+        return scores
+
+
+def run_eval(
+    ctx: Context,
+    policy: Entry,
+    sft0: Entry,
+    baseline: Entry | None,
+    rm: Entry,
+    reference: Entry,
+    judge_rm: Entry | None = None,
+) -> Entry:
+    """The policy, SFT ingredient 0 and the baseline answer the held-out prompts; the judge (`eval.judge`: the gold
+    reward, a held-out reward model `judge_rm`, the policy's reward model, or a local reward model) scores them for
+    the adjusted win rates."""
     cfg = ctx.cfg
+    kind = judge_kind(cfg, ctx.data)
+    judge_id = {"heldout_rm": judge_rm.key if judge_rm else None, "rm": rm.key}.get(
+        kind, None if kind == "gold" else kind
+    )
     spec = {
         "policy": policy.key, "sft": sft0.key, "baseline": baseline.key if baseline else None, "rm": rm.key,
-        "reference": reference.key, "data": plain(cfg.data),
+        "reference": reference.key, "data": plain(cfg.data), "judge": judge_id,
         "eval": {k: v for k, v in plain(cfg.eval).items() if k not in EXPORT_KEYS},  # export has its own stage
     }  # fmt: skip
 
@@ -66,6 +113,12 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
         loader = model_loader(cfg.model, ctx.device)  # full checkpoints, or adapters on one shared base
         reward_model = loader.reward(rm.path)
         ref_model = loader.causal(reference.path)
+        judge_model = loader.reward(judge_rm.path) if kind == "heldout_rm" else None
+        text_judge = (
+            TextJudge(kind, ctx.device, e.max_prompt_length, cfg.rm.max_response_length)
+            if kind not in ("gold", "rm", "heldout_rm")
+            else None
+        )
         models = {"policy": policy, "sft": sft0, **({"ppo": baseline} if baseline else {})}
         answers = {}
         for name, entry in models.items():
@@ -77,12 +130,16 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
                 reward_model,
                 ref_model if name == "policy" else None,
                 name,
+                judge_model,
             )
+            a = answers[name]
             if data.judge is not None:
-                answers[name]["gold"] = judge_answers(
-                    data.judge, prompts, answers[name]["texts"], answers[name]["ended"]
-                )
-        judge = "gold" if data.judge is not None else "rm"
+                a["gold"] = judge_answers(data.judge, prompts, a["texts"], a["ended"])
+            if text_judge is not None:
+                a["judge"] = text_judge(prompts, a["texts"], a["ended"])
+            elif kind != "heldout_rm":
+                a["judge"] = a["gold" if kind == "gold" else "rm"]
+        judge = "judge"
 
         def win_rate(other: str) -> float | None:
             if other not in answers:
@@ -94,21 +151,27 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
         results = {
             "win_rate_vs_sft": win_rate("sft"),
             "win_rate_vs_ppo": win_rate("ppo"),
-            "gold_reward": float(np.mean(answers["policy"]["gold"])) if judge == "gold" else None,
+            "gold_reward": float(np.mean(answers["policy"]["gold"])) if "gold" in answers["policy"] else None,
             "rm_reward": float(np.mean(answers["policy"]["rm"])),
             "kl_to_ref": float(np.mean(answers["policy"]["kl"])),
-            "judge": judge,
+            "judge": kind if kind in ("gold", "rm", "heldout_rm") else f"path:{kind}",
+            "judge_model": judge_id,
+            "judge_reward": float(np.mean(answers["policy"]["judge"])),
             "ended_frac": float(np.mean(answers["policy"]["ended"])),
             "comparisons": len(prompts),
         }
         for name in ("sft", "ppo"):
             if name in answers:
                 results[f"{name}_rm_reward"] = float(np.mean(answers[name]["rm"]))
-                if judge == "gold":
+                if "gold" in answers[name]:
                     results[f"{name}_gold_reward"] = float(np.mean(answers[name]["gold"]))
+                if kind not in ("gold", "rm"):
+                    results[f"{name}_judge_reward"] = float(np.mean(answers[name]["judge"]))
+        if judge_rm is not None:
+            results["judge_accuracy"] = judge_rm.manifest.get("metrics", {}).get("accuracy")
         with open(work / "generations.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["prompt", "model", "response", "ended", "rm_reward", "gold_reward"])
+            writer.writerow(["prompt", "model", "response", "ended", "rm_reward", "gold_reward", "judge_reward"])
             for name, a in answers.items():
                 for i, p in enumerate(prompts):
                     writer.writerow(
@@ -119,6 +182,7 @@ def run_eval(ctx: Context, policy: Entry, sft0: Entry, baseline: Entry | None, r
                             a["ended"][i],
                             round(a["rm"][i], 4),
                             round(a["gold"][i], 4) if "gold" in a else "",
+                            round(a["judge"][i], 4),
                         ]
                     )
         log.info("[eval] %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})

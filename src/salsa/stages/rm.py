@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -12,6 +13,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from salsa.data.synthetic import Pair
 from salsa.data.tokens import pad_right, prompt_ids, response_ids
+from salsa.errors import ConfigError
 from salsa.functional import bradley_terry_loss
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
@@ -84,13 +86,42 @@ class RewardModule(SeededModule):
             self.log("val/gold_agreement", self.val_gold_agreement)
 
 
-def run_rm(ctx: Context, base: Entry) -> Entry:
+def judge_kind(cfg, data) -> str:
+    """`eval.judge` with `auto` resolved: the gold reward where the task has one, else a held-out reward model."""
+    judge = str(cfg.eval.judge)
+    if judge == "auto":
+        return "gold" if data.judge is not None else "heldout_rm"
+    if judge == "gold" and data.judge is None:
+        raise ConfigError("eval.judge", f"gold needs a task with a gold reward; data={cfg.data.name} has none")
+    return judge
+
+
+def reward_pairs(ctx: Context, role: str) -> tuple[list, dict[str, Any]]:
+    """The training pairs of the policy's reward model (`role="policy"`) or of the judge (`"judge"`), and what keys
+    the split. With a held-out judge the pairs are cut in two: the judge's share is never seen by the policy's
+    reward model, so the judge does not share its blind spots (the policy learns to exploit exactly those)."""
+    pairs = ctx.data.pairs_train
+    if judge_kind(ctx.cfg, ctx.data) != "heldout_rm":
+        return pairs, {}
+    cut = round(len(pairs) * (1 - float(ctx.cfg.eval.judge_share)))
+    if not 0 < cut < len(pairs):
+        raise ConfigError("eval.judge_share", f"leaves one side of {len(pairs)} training pairs empty")
+    return (pairs[:cut], {"pairs": [0, cut]}) if role == "policy" else (pairs[cut:], {"pairs": [cut, len(pairs)]})
+
+
+def run_rm(ctx: Context, base: Entry, role: str = "policy") -> Entry:
+    """The reward model the policy is trained against (`role="policy"`), or the held-out judge (`"judge"`: another
+    seed, the other share of the pairs)."""
     cfg = ctx.cfg
-    spec = {"base": base.key, "data": plain(cfg.data), "rm": plain(cfg.rm)}
+    pairs, split = reward_pairs(ctx, role)
+    seed = int(cfg.rm.seed) + (1 if role == "judge" else 0)
+    spec = {"base": base.key, "data": plain(cfg.data), "rm": plain(cfg.rm), **split}
+    if role == "judge":
+        spec["seed"] = seed
 
     def build(work: Path, run_id: str | None) -> dict:
         r = cfg.rm
-        pl.seed_everything(r.seed, workers=True, verbose=False)
+        pl.seed_everything(seed, workers=True, verbose=False)
         adapter = None
         if uses_adapters(cfg.model):  # a LoRA adapter + scalar head on the frozen base (saved as one peft adapter)
             tok, adapter = new_adapter_model(BaseSettings.from_cfg(cfg.model), ctx.device, scalar_head=True)
@@ -100,21 +131,21 @@ def run_rm(ctx: Context, base: Entry) -> Entry:
             model = load_reward_model(base.path)
         model.config.pad_token_id = tok.pad_token_id
         model.train()
-        train = PairDataset(tok, ctx.data.pairs_train, r.max_prompt_length, r.max_response_length)
+        train = PairDataset(tok, pairs, r.max_prompt_length, r.max_response_length)
         val = PairDataset(tok, ctx.data.pairs_val, r.max_prompt_length, r.max_response_length)
         collate = partial(pair_batch, pad_id=tok.pad_token_id)
-        loader = planned_loader(train, r, collate, r.seed)
+        loader = planned_loader(train, r, collate, seed)
         val_loader = DataLoader(val, batch_size=r.val_batch_size, collate_fn=collate)
         total = len(loader.batch_sampler.plan)
         module = RewardModule(
             model, r.lr, r.center_coef, weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, total_steps=total,
-            seed=r.seed,
+            seed=seed,
         )  # fmt: skip
         fit_resumable(
             partial(ctx.trainer, work, run_id),
             module,
             work,
-            "rm",
+            "rm" if role == "policy" else "judge rm",
             loader.batch_sampler.num_chunks,
             train_dataloaders=loader,
             use_distributed_sampler=False,
@@ -125,10 +156,12 @@ def run_rm(ctx: Context, base: Entry) -> Entry:
         (adapter or model).save_pretrained(str(work))
         tok.save_pretrained(str(work))
         log.info(
-            "[rm] held-out pair accuracy %.3f, agreement with gold %s",
+            "[%s] held-out pair accuracy %.3f, agreement with gold %s (%d training pairs)",
+            "rm" if role == "policy" else "judge rm",
             metrics["accuracy"],
             metrics.get("gold_agreement"),
+            len(pairs),
         )
-        return {"metrics": metrics, "format": "lora" if adapter else "full", "base": base.key}
+        return {"metrics": metrics, "format": "lora" if adapter else "full", "base": base.key, "role": role}
 
     return ctx.build("rm", spec, build)
