@@ -9,9 +9,13 @@ from transformers import AutoModelForCausalLM
 from salsa.models.memory import (
     activation_bytes,
     adam_bytes,
+    base_bytes,
     estimate,
+    estimate_heldout,
+    estimate_sampling,
     estimate_supervised,
     generation_logits_bytes,
+    inference_activation_bytes,
     kv_cache_bytes,
     layer_activation_bytes,
     logits_bytes,
@@ -92,6 +96,32 @@ def test_presets_estimate_offline(monkeypatch, capsys, preset, billions):
         "activations (train)",
         "rollout",
         "SFT peak",
+        "SFT held-out loss",
+        "soup held-out loss",
+        "RM peak",
+        "eval sampling",
+        "export sampling",
+        "per stage",
         "needs",
     ):
         assert part in text
+
+
+def test_heldout_and_sampling_estimates(monkeypatch):
+    """The held-out loss holds as many rows of logits as its budget allows (at least one); sampling holds the KV
+    cache and every step's float32 logits. Both on top of the base and the stage's adapters."""
+    from salsa.stages import lm
+
+    shapes = model_shapes(meta_model(ARCH), ["q_proj"])
+    fixed = base_bytes(shapes, "nf4") + lora_parameters(shapes.targets, 6) * 4
+    per_row = (5 + 1) * 96 * lm.HELDOUT_BYTES_PER_LOGIT
+    monkeypatch.setattr(lm, "HELDOUT_BUDGET", 3 * per_row)  # room for three rows of 128
+    assert (
+        estimate_heldout(shapes, "nf4", 6, 128, 4, 5) == fixed + inference_activation_bytes(shapes, 3 * 9) + 3 * per_row
+    )
+    monkeypatch.setattr(lm, "HELDOUT_BUDGET", 1)  # one row even when one row is over budget
+    assert estimate_heldout(shapes, "nf4", 6, 128, 4, 5) == fixed + inference_activation_bytes(shapes, 9) + per_row
+    sampling = estimate_sampling(shapes, "nf4", 6, batch=2, prompt=4, new=5)
+    assert sampling == fixed + kv_cache_bytes(2, 2, 9, 32) + generation_logits_bytes(2, 5, 96) + (
+        inference_activation_bytes(shapes, 18)
+    )

@@ -1,4 +1,4 @@
-"""GPU memory of a PPO run under the QLoRA plan, estimated from the model's config alone (meta device, no weights).
+"""GPU memory of every stage of a run under the QLoRA plan, estimated from the model's config alone (meta device).
 
     python -m salsa.models.memory model=gemma2b                       # any Hydra override of src/train.py works
     python -m salsa.models.memory experiment=paper_llama2_7b ppo.batch_size=16 ppo.response_length=256
@@ -6,7 +6,10 @@
 The model is built on the meta device from the preset's shipped config (`model.arch`), so nothing is downloaded.
 Sizes come from the config: rollout batch `ppo.batch_size`, training minibatch `ppo.batch_size / num_minibatches`,
 sequence `ppo.max_prompt_length + ppo.response_length`, `len(ref.ingredients)` soup ingredients. SFT and RM
-peaks use `sft.*` / `rm.*` batch sizes and lengths; the run needs the largest of the three.
+peaks use `sft.*` / `rm.*` batch sizes and lengths; the held-out losses (SFT, soup) score at most `HELDOUT_BUDGET`
+bytes of logits at a time; evaluation and export sample `eval.batch_size` / `eval.answers.batch_size` answers at a
+time. Each stage loads the base once and frees it when it ends (`salsa.infra.context`), so the run needs the largest
+stage's peak.
 
 Each term is a small function below. Activations are an approximation: the tensors autograd keeps for one decoder
 layer in bf16, counted for a Llama/Gemma layer; CUDA's context and allocator fragmentation (~0.5-1 GiB) come on top.
@@ -196,6 +199,47 @@ def estimate_supervised(
     )
 
 
+def base_bytes(shapes: Shapes, quant: str) -> int:
+    """The frozen base: linear layers in nf4 (or bf16), everything else (embeddings, norms) in bf16."""
+    other = shapes.parameters - shapes.linear
+    return (nf4_bytes(shapes.linear) if quant == "nf4" else shapes.linear * BF16) + other * BF16
+
+
+def inference_activation_bytes(shapes: Shapes, tokens: int) -> int:
+    """A no-grad forward keeps only the layer being computed, plus the residual stream."""
+    return tokens * shapes.hidden * BF16 + layer_activation_bytes(
+        tokens, shapes.hidden, shapes.q_dim, shapes.kv_dim, shapes.intermediate
+    )
+
+
+def estimate_heldout(shapes: Shapes, quant: str, adapter_ranks: int, rows: int, prompt: int, target: int) -> float:
+    """Peak bytes of a held-out loss (`salsa.stages.lm.heldout_loss`): the base with its adapters, a no-grad forward
+    of a batch, and its logits on the target positions, as many rows as the logit budget allows (at least one)."""
+    from salsa.stages.lm import HELDOUT_BUDGET, HELDOUT_BYTES_PER_LOGIT
+
+    keep = target + 1
+    per_row = keep * shapes.vocab * HELDOUT_BYTES_PER_LOGIT
+    rows = max(1, min(rows, HELDOUT_BUDGET // per_row))
+    return (
+        base_bytes(shapes, quant)
+        + lora_parameters(shapes.targets, adapter_ranks) * FP32
+        + inference_activation_bytes(shapes, rows * (prompt + target))
+        + rows * per_row
+    )
+
+
+def estimate_sampling(shapes: Shapes, quant: str, adapter_ranks: int, batch: int, prompt: int, new: int) -> float:
+    """Peak bytes of sampling `batch` answers of `new` tokens (evaluation, export): the base with every adapter the
+    stage loads, the KV cache, and the float32 logits sampling keeps for every step."""
+    return (
+        base_bytes(shapes, quant)
+        + lora_parameters(shapes.targets, adapter_ranks) * FP32
+        + kv_cache_bytes(shapes.layers, batch, prompt + new, shapes.kv_dim)
+        + generation_logits_bytes(batch, new, shapes.vocab)
+        + inference_activation_bytes(shapes, batch * (prompt + new))
+    )
+
+
 def estimate_from_cfg(cfg) -> tuple[dict[str, float], dict[str, Any]]:
     m, p = cfg.model, cfg.ppo
     if not m.get("arch") or "model_type" not in m.arch:
@@ -235,11 +279,32 @@ def estimate_from_cfg(cfg) -> tuple[dict[str, float], dict[str, Any]]:
         False,
         ckpt,
     )  # chosen and rejected in one forward
+    r, n = lora["r"], len(cfg.ref.ingredients)
+    s, e = cfg.sft, cfg.eval
+    parts["sft_heldout"] = estimate_heldout(shapes, quant, r, 128, s.max_prompt_length, s.max_response_length)
+    parts["soup_heldout"] = estimate_heldout(shapes, quant, r * n, 128, s.max_prompt_length, s.max_response_length)
+    # evaluation loads the policy (soup + delta), SFT ingredient 0, the baseline (ingredient 0 + delta), the soup,
+    # the reward model and a judge: about 3n + 6 adapters of rank r on one base
+    parts["eval_sampling"] = estimate_sampling(
+        shapes, quant, r * (3 * n + 6), e.batch_size, e.max_prompt_length, e.response_length
+    )
+    a = e.answers
+    parts["export_sampling"] = estimate_sampling(
+        shapes, quant, r * (n + 1), a.batch_size, e.max_prompt_length, a.max_new_tokens
+    )
+    parts["stages"] = {
+        "sft": max(parts["sft_peak"], parts["sft_heldout"]),
+        "soup": parts["soup_heldout"],
+        "rm": parts["rm_peak"],
+        "ppo": parts["peak"],
+        "eval": parts["eval_sampling"],
+        **({"export": parts["export_sampling"]} if e.get("export") else {}),
+    }
     return parts, {"model": m.name, "name_or_path": m.get("name_or_path"), "quant": m.get("quant", "none"), **sizes}
 
 
 def report(parts: dict[str, float], info: dict[str, Any]) -> str:
-    gib = {k: parts[k] / GIB for k in parts}
+    gib = {k: v / GIB for k, v in parts.items() if isinstance(v, int | float)}
     lines = [
         f"{info['model']} ({info['name_or_path']}), quant={info['quant']}: PPO with rollout batch "
         f"{info['rollout_batch']}, minibatch {info['minibatch']}, sequence {info['prompt_len']}+{info['response_len']}",
@@ -255,8 +320,15 @@ def report(parts: dict[str, float], info: dict[str, Any]) -> str:
         f"  rollout (KV + logits) {gib['rollout']:6.2f} GiB",
         f"  PPO peak              {gib['peak']:6.2f} GiB",
         f"  SFT peak              {gib['sft_peak']:6.2f} GiB  (sft.batch_size sequences of the SFT lengths)",
-        f"  RM peak               {gib['rm_peak']:6.2f} GiB  (2 x rm.batch_size sequences)",
-        f"  the run needs         {max(gib['peak'], gib['sft_peak'], gib['rm_peak']):6.2f} GiB  "
+        f"  SFT held-out loss     {gib['sft_heldout']:6.2f} GiB  (logits of the target positions, in budgets)",
+        f"  soup held-out loss    {gib['soup_heldout']:6.2f} GiB",
+        f"  RM peak               {gib['rm_peak']:6.2f} GiB  (2 x rm.batch_size sequences; the judge's too)",
+        f"  eval sampling         {gib['eval_sampling']:6.2f} GiB  (eval.batch_size answers, every adapter loaded)",
+        f"  export sampling       {gib['export_sampling']:6.2f} GiB  (eval.answers.batch_size x max_new_tokens)",
+        "  per stage             "
+        + ", ".join(f"{stage} {v / GIB:.2f}" for stage, v in parts["stages"].items())
+        + " GiB",
+        f"  the run needs         {max(parts['stages'].values()) / GIB:6.2f} GiB  "
         "(+ CUDA context and fragmentation, ~0.5-1 GiB)",
     ]
     return "\n".join(lines)
@@ -267,8 +339,10 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     from hydra import compose, initialize_config_dir
 
+    from salsa.cli import register
     from salsa.config import CONF_DIR, REPO_ROOT
 
+    register()  # the typed config and resolvers train.yaml names
     os.environ.setdefault("SALSA_ROOT", str(REPO_ROOT))
     overrides = list(sys.argv[1:] if argv is None else argv)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

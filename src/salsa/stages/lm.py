@@ -109,10 +109,11 @@ def fit_lm(
 
 # bytes per logit while a batch is scored: the model's logits, their float32 copy and cross-entropy's log-softmax
 HELDOUT_BYTES_PER_LOGIT = 12
+HELDOUT_BUDGET = 2 * 1024**3  # bytes of logits the held-out loss holds at a time
 
 
 def heldout_batches(
-    dataset: LMDataset, vocab: int, max_rows: int = 128, logits_budget: int = 2 * 1024**3
+    dataset: LMDataset, vocab: int, max_rows: int = 128, logits_budget: int = HELDOUT_BUDGET
 ) -> list[tuple[list[int], int]]:
     """Batches for scoring `dataset`: (item indices, positions whose logits are needed).
 
@@ -139,7 +140,7 @@ def heldout_batches(
 
 @torch.inference_mode()
 def heldout_loss(
-    model, dataset: LMDataset, pad_id: int, max_rows: int = 128, logits_budget: int = 2 * 1024**3
+    model, dataset: LMDataset, pad_id: int, max_rows: int = 128, logits_budget: int = HELDOUT_BUDGET
 ) -> float:
     """Token-weighted mean cross-entropy of `model` on the target tokens of `dataset`, scored in batches whose
     logits stay within `logits_budget` bytes (`heldout_batches`)."""
