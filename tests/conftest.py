@@ -44,3 +44,15 @@ def make_cfg(log_dir: Path | str, *overrides: str, debug: bool = True, config_na
 def shared_cache(tmp_path_factory) -> Path:
     """One log dir (and stage cache) shared by tests that only need debug-size stages built once."""
     return tmp_path_factory.mktemp("shared_logs")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason, everywhere else."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

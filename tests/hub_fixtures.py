@@ -158,3 +158,63 @@ def hh_rlhf_dir(root: Path, n: int = 24, fmt: str = "jsonl") -> Path:
     for split in ("train", "test"):
         write(root / f"{split}.{fmt}", hh_rlhf_rows(n))
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gemma-shaped checkpoints: Gemma's special tokens and chat template, any width, depth and vocabulary
+# ---------------------------------------------------------------------------------------------------------------
+GEMMA_TEMPLATE = (  # google/gemma-2b-it's chat template
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # ids 0-3 as in Gemma
+
+
+def gemma_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Gemma's special tokens (pad 0, eos 1, bos 2) and chat template."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words = " ".join([*WORDS, "user", "model"])
+    tok.train_from_iterator([words], trainers.WordLevelTrainer(special_tokens=GEMMA_SPECIALS))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"], clean_up_tokenization_spaces=False,
+    )  # fmt: skip
+    hf.chat_template = GEMMA_TEMPLATE
+    return hf
+
+
+def gemma_checkpoint(
+    path: Path, vocab: int = 256_000, hidden: int = 64, layers: int = 2, intermediate: int = 128, heads: int = 2,
+    head_dim: int = 32, dtype: torch.dtype = torch.float32,
+) -> Path:  # fmt: skip
+    """A randomly initialised Gemma (Gemma-2B's vocabulary by default, any width and depth) saved like the hub's,
+    with the Gemma-shaped tokenizer; the model's vocabulary may exceed the tokenizer's, as Gemma's does."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    tok = gemma_tokenizer()
+    config = GemmaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=1, head_dim=head_dim, hidden_act="gelu_pytorch_tanh",
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    GemmaForCausalLM(config).to(dtype).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def long_prompt_rows(n: int, words: int) -> list[dict]:
+    """UltraFeedback rows whose prompts run to about `words` words (over any 256-token limit)."""
+    rows = ultrafeedback_rows(n)
+    for i, r in enumerate(rows):
+        filler = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(words))
+        prompt = f"{filler} {r['prompt']}"
+        r["prompt"] = prompt
+        for key in ("chosen", "rejected", "messages"):
+            r[key][0]["content"] = prompt
+    return rows
