@@ -113,7 +113,8 @@ def main(argv=None) -> dict:
     quiet_libraries()
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
-    preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "gemma2b.yaml"), resolve=True)
+    # the preset is a global package: its model settings sit under `model:` (beside its scale's settings)
+    preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "gemma2b.yaml"), resolve=True)["model"]
     arch = dict(preset["arch"])
     task = SyntheticTask(0)
     tokenizer = train_word_tokenizer(task.pretrain_documents(200))
