@@ -92,3 +92,38 @@ def test_response_logits_equal_the_full_forward_pass_sliced(tmp_path):
         got = response_logits(model, seq, mask, prompt_len=4)
     assert got.shape == (3, 5, len(tok))
     torch.testing.assert_close(got, full[:, 3:-1], rtol=1e-5, atol=1e-6)
+
+
+def test_step_by_step_logprobs_equal_the_kept_logits_path(tmp_path):
+    """Sampling with one step's distribution in memory gives the same tokens and log-probabilities, under a fixed
+    seed, as generation that keeps every step's logits (the former path, 12 bytes × batch × length × vocabulary)."""
+    from transformers import GenerationConfig
+
+    tok, model = _tiny(tmp_path)
+    prompts = ["tell me about the fox .", "describe the rain and the snow .", "what do you think of the comet ?"]
+    query, qmask = encode_prompts(tok, prompts, 32)
+    for temperature, do_sample in ((0.7, True), (1.0, True), (1.0, False)):
+        torch.manual_seed(3)
+        s = sample(model, tok, query, qmask, max_new_tokens=12, temperature=temperature, do_sample=do_sample)
+        torch.manual_seed(3)
+        cfg = GenerationConfig(
+            max_new_tokens=12, do_sample=do_sample, temperature=temperature if do_sample else None,
+            top_k=0 if do_sample else None, top_p=1.0 if do_sample else None, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        with torch.no_grad():
+            kept = model.generate(input_ids=query, attention_mask=qmask, generation_config=cfg)
+        response = kept.sequences[:, query.size(1) :]
+        mask, _ = response_mask(response, tok.eos_token_id)
+        assert torch.equal(s.response[mask.bool()], response[mask.bool()])
+        expected = token_logprobs(torch.stack(kept.logits, dim=1), response, temperature) * mask
+        torch.testing.assert_close(s.logprobs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_row_chunks_hand_case():
+    from salsa.models.actors import row_chunks
+
+    # 10 positions × 100 vocabulary × 8 bytes = 8000 bytes a row: 3 rows fit 24,000 bytes, never fewer than one
+    assert row_chunks(7, 10, 100, budget=24_000) == [slice(0, 3), slice(3, 6), slice(6, 9)]
+    assert row_chunks(2, 10, 100, budget=1) == [slice(0, 1), slice(1, 2)]
+    assert row_chunks(2, 10, 100, budget=10**9) == [slice(0, 2)]

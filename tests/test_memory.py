@@ -24,6 +24,7 @@ from salsa.models.memory import (
     meta_model,
     model_shapes,
     nf4_bytes,
+    scoring_logits_bytes,
 )
 
 
@@ -39,7 +40,8 @@ def test_terms_hand_cases():
     assert activation_bytes(3, 10, 4, 4, 2, 8, checkpointing=False) == 3 * one
     assert activation_bytes(3, 10, 4, 4, 2, 8, checkpointing=True) == 3 * 10 * 4 * 2 + one
     assert logits_bytes(2, 10, training=True) == 2 * 10 * 10 and logits_bytes(2, 10, training=False) == 2 * 10 * 6
-    assert generation_logits_bytes(2, 3, 10) == 2 * 3 * 10 * 12
+    assert generation_logits_bytes(2, 10) == 2 * 10 * 12  # one step: logits, log-softmax, softmax
+    assert scoring_logits_bytes(3, 5, 10) == 3 * 5 * 10 * 8  # well under the budget: every row at once
 
 
 def test_nf4_bytes_match_bitsandbytes():
@@ -122,6 +124,5 @@ def test_heldout_and_sampling_estimates(monkeypatch):
     monkeypatch.setattr(lm, "HELDOUT_BUDGET", 1)  # one row even when one row is over budget
     assert estimate_heldout(shapes, "nf4", 6, 128, 4, 5) == fixed + inference_activation_bytes(shapes, 9) + per_row
     sampling = estimate_sampling(shapes, "nf4", 6, batch=2, prompt=4, new=5)
-    assert sampling == fixed + kv_cache_bytes(2, 2, 9, 32) + generation_logits_bytes(2, 5, 96) + (
-        inference_activation_bytes(shapes, 18)
-    )
+    logits = max(generation_logits_bytes(2, 96), scoring_logits_bytes(2, 5, 96))
+    assert sampling == fixed + kv_cache_bytes(2, 2, 9, 32) + logits + inference_activation_bytes(shapes, 18)

@@ -114,3 +114,19 @@ def test_ppo_models_run_without_dropout(stages):
         first = module.actors.policy(input_ids=x, attention_mask=mask).logits
         second = module.actors.policy(input_ids=x, attention_mask=mask).logits
     assert torch.equal(first, second)
+
+
+def test_rollout_scored_a_few_rows_at_a_time_is_the_same(stages, monkeypatch):
+    """Scoring the reference and values in row chunks (to bound full-vocabulary logits) changes no number."""
+    from salsa.models import actors
+
+    module, _ = _module(*stages)
+    prompts = module.prompts[:8]
+    whole = module.rollout(prompts, iteration=0)
+    assert len(actors.row_chunks(8, 12, 100)) == 1
+    monkeypatch.setattr(actors, "SCORING_BUDGET", 1)  # one row at a time
+    monkeypatch.setattr(actors.row_chunks, "__defaults__", (1,))
+    assert len(actors.row_chunks(8, 12, 100)) == 8
+    chunked = module.rollout(prompts, iteration=0)
+    for key in ("sequences", "logprobs", "values", "advantages", "returns"):
+        torch.testing.assert_close(chunked["batch"][key], whole["batch"][key], rtol=1e-5, atol=1e-6)

@@ -28,6 +28,16 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     return logits[:, :-1]
 
 
+SCORING_BUDGET = 1024**3  # bytes of logits (and their float32 log-softmax) a scoring pass holds at a time
+
+
+def row_chunks(rows: int, positions: int, vocab: int, budget: int = SCORING_BUDGET) -> list[slice]:
+    """Slices of a batch to score a few rows at a time: each row's logits over `positions` response positions take
+    8 bytes × positions × vocabulary with their log-softmax (2 GiB for 8 × 256 tokens at Gemma's 256k vocabulary)."""
+    size = max(1, min(rows, budget // max(1, positions * vocab * 8)))
+    return [slice(i, i + size) for i in range(0, rows, size)]
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)

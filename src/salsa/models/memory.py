@@ -78,9 +78,19 @@ def logits_bytes(tokens: int, vocab: int, training: bool) -> int:
     return tokens * vocab * (BF16 + FP32 + (FP32 if training else 0))
 
 
-def generation_logits_bytes(batch: int, new_tokens: int, vocab: int) -> int:
-    """Sampling keeps every step's float32 logits, stacks them, and takes a float32 log-softmax."""
-    return batch * new_tokens * vocab * 3 * FP32
+def generation_logits_bytes(batch: int, vocab: int) -> int:
+    """Sampling holds one step at a time (`salsa.models.generation.SampledLogprobs`): the step's float32 logits,
+    their log-softmax (to read the sampled token's log-probability) and the sampling softmax."""
+    return batch * vocab * 3 * FP32
+
+
+def scoring_logits_bytes(batch: int, positions: int, vocab: int) -> int:
+    """Scoring sampled answers against a reference, a few rows at a time (`salsa.models.actors.row_chunks`): each
+    row's logits and their log-softmax, as many rows as the scoring budget allows (at least one)."""
+    from salsa.models.actors import SCORING_BUDGET
+
+    per_row = positions * vocab * 2 * FP32
+    return min(batch, max(1, SCORING_BUDGET // per_row)) * per_row
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,8 +169,8 @@ def estimate(
     )
     train = 2 * forward + logits_bytes(minibatch * response_len, shapes.vocab, training=True)  # policy + value
     rollout = kv_cache_bytes(shapes.layers, rollout_batch, seq, shapes.kv_dim) + max(
-        generation_logits_bytes(rollout_batch, response_len, shapes.vocab),
-        logits_bytes(rollout_batch * response_len, shapes.vocab, training=False),  # reference log-probs
+        generation_logits_bytes(rollout_batch, shapes.vocab),
+        scoring_logits_bytes(rollout_batch, response_len, shapes.vocab),  # reference log-probs
     )
     parts = {
         "base_weights": base,
@@ -230,12 +240,12 @@ def estimate_heldout(shapes: Shapes, quant: str, adapter_ranks: int, rows: int, 
 
 def estimate_sampling(shapes: Shapes, quant: str, adapter_ranks: int, batch: int, prompt: int, new: int) -> float:
     """Peak bytes of sampling `batch` answers of `new` tokens (evaluation, export): the base with every adapter the
-    stage loads, the KV cache, and the float32 logits sampling keeps for every step."""
+    stage loads, the KV cache, one step's logits, and the reference's scoring of the answers (for the KL)."""
     return (
         base_bytes(shapes, quant)
         + lora_parameters(shapes.targets, adapter_ranks) * FP32
         + kv_cache_bytes(shapes.layers, batch, prompt + new, shapes.kv_dim)
-        + generation_logits_bytes(batch, new, shapes.vocab)
+        + max(generation_logits_bytes(batch, shapes.vocab), scoring_logits_bytes(batch, new, shapes.vocab))
         + inference_activation_bytes(shapes, batch * (prompt + new))
     )
 

@@ -33,7 +33,7 @@ def answer(
 ) -> dict:
     """Sample answers in batches; return texts, ended flags, RM scores, (with a reference) sequence KLs and (with a
     judge reward model on the same tokenizer) the judge's scores."""
-    from salsa.models.actors import response_logits
+    from salsa.models.actors import response_logits, row_chunks
 
     torch.manual_seed(e.seed)  # every model sees the same sampling noise
     texts, ended, scores, kls, judged = [], [], [], [], []
@@ -48,10 +48,11 @@ def answer(
             judged += sequence_scores(judge_model, s.sequences, s.attention_mask).tolist()
         if reference is not None:
             temp = e.temperature if e.do_sample else 1.0
-            ref_logp = token_logprobs(
-                response_logits(reference, s.sequences, s.attention_mask, query.size(1)), s.response, temp
-            )
-            kls += ((s.logprobs - ref_logp) * s.response_mask).sum(1).tolist()
+            seq, attn = s.sequences, s.attention_mask
+            for rows in row_chunks(seq.size(0), s.response.size(1), reference.config.vocab_size):
+                logits = response_logits(reference, seq[rows], attn[rows], query.size(1))
+                ref_logp = token_logprobs(logits, s.response[rows], temp)
+                kls += ((s.logprobs[rows] - ref_logp) * s.response_mask[rows]).sum(1).tolist()
     out = {"texts": texts, "ended": ended, "rm": scores, "kl": kls}
     return {**out, "judge": judged} if judge_model is not None else out
 
