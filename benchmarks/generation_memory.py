@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=256_000)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--smoke", action="store_true", help="a small vocabulary and short answers")
+    parser.add_argument("--json", help="also write the table to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": results,
     }
     print(json.dumps(table, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=1))
     return table
 
 

@@ -78,6 +78,14 @@ def test_soup_memory_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_generation_memory_smoke(tmp_path):
+    table = _run("generation_memory.py", tmp_path=tmp_path)
+    assert set(table["runs"]) == {"baseline", "kept", "steps"}
+    assert all(r["peak_rss"] > 0 for r in table["runs"].values())
+    assert table["same_samples"]  # both samplers draw the same tokens under one seed
+
+
+@pytest.mark.slow
 def test_gpu_benchmark_script_runs_tiny(capsys):
     """The GPU benchmark runs end to end at toy sizes on CPU (the GPU run uses the same code)."""
     spec = importlib.util.spec_from_file_location("gpu_gemma2b_ppo", ROOT / "benchmarks" / "gpu_gemma2b_ppo.py")
