@@ -1,6 +1,6 @@
 """Soup memory: wall time and peak RSS of averaging 3 checkpoints of a ~200M-parameter model, three ways.
 
-- ours: `salsa.merge.soup.soup_checkpoints` (streams tensor by tensor from and to safetensors);
+- ours: `salsa.merge.soup.soup_checkpoints` (shard by shard through memory maps, written streamed);
 - naive: load every ingredient's full state dict, average, save;
 - mergekit: its `linear` merge through `mergekit-yaml`, installed on first use into `benchmarks/.venvs/mergekit`.
 

@@ -9,9 +9,8 @@ from safetensors.torch import load_file, save_file
 from transformers import GemmaConfig, GemmaForCausalLM
 
 from salsa.merge.soup import (
-    SafetensorsReader,
     SoupError,
-    average_tensors,
+    accumulate,
     concat_lora,
     greedy_soup,
     normalize_weights,
@@ -64,13 +63,16 @@ def test_normalize_weights():
         normalize_weights(None, 1)
 
 
-def test_average_tensors_hand_case():
+def test_accumulate_hand_case():
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
-    assert torch.equal(average_tensors([a, b], [0.5, 0.5]), torch.tensor([2.0, 4.0]))
-    assert torch.equal(average_tensors(iter([a, b]), [0.5, 0.5]), torch.tensor([2.0, 4.0]))  # streamed
-    assert torch.equal(average_tensors([a, b], [0.75, 0.25]), torch.tensor([1.5, 3.0]))
-    half = average_tensors([a.bfloat16(), b.bfloat16()], [0.5, 0.5])
-    assert half.dtype == torch.bfloat16
+    acc = accumulate(None, a, 0.75)
+    assert torch.equal(acc, torch.tensor([0.75, 1.5])) and acc.data_ptr() != a.data_ptr()  # never a's memory
+    assert torch.equal(accumulate(acc, b, 0.25), torch.tensor([1.5, 3.0])) and torch.equal(a, torch.tensor([1.0, 2.0]))
+    # bf16 ingredients are summed in float32 (0.5 · 1 + 0.5 · 3 in bf16 would also be exact; 1/3 is not)
+    third = accumulate(accumulate(accumulate(None, a.bfloat16(), 1 / 3), a.bfloat16(), 1 / 3), a.bfloat16(), 1 / 3)
+    assert third.dtype == torch.float32
+    torch.testing.assert_close(third, a, rtol=1e-6, atol=0)
+    assert accumulate(None, a.double(), 0.5).dtype == torch.float64
 
 
 @pytest.mark.parametrize("weights", [None, [0.5, 0.3, 0.2]])
@@ -222,22 +224,8 @@ def _mixed_tensors():
     }
 
 
-def test_streamed_reader_and_writer_round_trip_with_safetensors(tmp_path):
+def test_streamed_writer_round_trips_through_safetensors(tmp_path):
     tensors = _mixed_tensors()
-    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
-    reader = SafetensorsReader(tmp_path / "ref.safetensors")
-    for name, t in tensors.items():
-        got = reader.get(name)
-        assert got.dtype == t.dtype and torch.equal(got, t), name
-    reader.close()
-    blob = (tmp_path / "ref.safetensors").read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(blob[:-8])  # the last tensor's bytes are cut short
-    last = max(tensors, key=lambda n: reader.header[n]["data_offsets"][1])
-    cut = SafetensorsReader(tmp_path / "cut.safetensors")
-    with pytest.raises(SoupError, match="truncated"):
-        cut.get(last)
-    cut.close()
-
     specs = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
     write_safetensors_streamed(tmp_path / "ours.safetensors", specs, iter(tensors.values()), {"format": "pt"})
     back = load_file(tmp_path / "ours.safetensors")
@@ -260,3 +248,29 @@ def test_full_soup_of_differently_sharded_ingredients(tmp_path):
     assert out_files == sorted(f.name for f in paths[0].glob("*.safetensors")) and len(out_files) > 1
     for name, t in soup.items():
         torch.testing.assert_close(t.double(), (states[0][name].double() + states[1][name].double()) / 2)
+
+
+def test_full_soup_of_mixed_dtypes_copies_equal_integers_and_refuses_differing_ones(tmp_path):
+    """Float tensors of any precision are averaged (returned in their own dtype); integer and bool buffers must
+    agree between ingredients and are copied, whatever file of the ingredient holds them."""
+    states = []
+    for i in range(2):
+        torch.manual_seed(i)
+        state = _mixed_tensors()
+        states.append(state)
+        (tmp_path / f"m{i}").mkdir()
+        (tmp_path / f"m{i}" / "config.json").write_text(json.dumps({"model_type": "gemma"}))
+        save_file(state, tmp_path / f"m{i}" / "model.safetensors", metadata={"format": "pt"})
+    soup_checkpoints([tmp_path / "m0", tmp_path / "m1"], tmp_path / "soup")
+    soup = load_file(tmp_path / "soup" / "model.safetensors")
+    for name, t in soup.items():
+        a, b = states[0][name], states[1][name]
+        assert t.dtype == a.dtype, name
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(t, ((a.double() + b.double()) / 2).to(a.dtype), rtol=1e-2, atol=1e-3)
+        else:
+            assert torch.equal(t, a), name
+    states[1]["ids.i64"] = states[1]["ids.i64"] + 1
+    save_file(states[1], tmp_path / "m1" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SoupError, match="ids.i64 differs"):
+        soup_checkpoints([tmp_path / "m0", tmp_path / "m1"], tmp_path / "soup2")

@@ -10,7 +10,6 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from pytorch_lightning.callbacks import RichProgressBar
 from rich.errors import LiveError
 from rich.progress import Progress
 
@@ -51,10 +50,26 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         progress.stop()
 
 
-class StageProgressBar(RichProgressBar):
-    """Lightning's rich progress bar for one stage's Trainer, disabled off a terminal or when `enabled` is false."""
+def _stage_progress_bar() -> type:
+    from pytorch_lightning.callbacks import RichProgressBar
 
-    def __init__(self, enabled: bool = True, leave: bool = False, **kwargs) -> None:
-        super().__init__(leave=leave, **kwargs)
-        if not (enabled and sys.stdout.isatty()):
-            self.disable()
+    class StageProgressBar(RichProgressBar):
+        """Lightning's rich progress bar for one stage's Trainer, disabled off a terminal or when `enabled` is
+        false."""
+
+        def __init__(self, enabled: bool = True, leave: bool = False, **kwargs) -> None:
+            super().__init__(leave=leave, **kwargs)
+            if not (enabled and sys.stdout.isatty()):
+                self.disable()
+
+    StageProgressBar.__module__ = __name__
+    return StageProgressBar
+
+
+def __getattr__(name: str):
+    """`StageProgressBar` subclasses Lightning's bar, so it is made on first use: `track` alone (the soup command
+    line uses it) does not import Lightning, which takes seconds."""
+    if name == "StageProgressBar":
+        globals()[name] = _stage_progress_bar()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

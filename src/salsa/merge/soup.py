@@ -1,7 +1,7 @@
 """Model soups: weight averages of fine-tuned ingredients that share one base.
 
-- `soup_checkpoints`: full checkpoints averaged tensor by tensor, read from and written to safetensors one tensor at
-  a time, so memory holds about two copies of the largest tensor, whatever the model's size.
+- `soup_checkpoints`: full checkpoints averaged shard by shard, read through memory maps and written to
+  safetensors, so memory holds about one shard in float32 plus one ingredient file, whatever the model's size.
 - `soup_lora_adapters`: LoRA ingredients on one base. The soup is the average of their *deltas* B·A·scale, written
   exactly as one adapter of rank Σr by concatenating the A's and the weighted, scaled B's. (Averaging A and B
   separately gives a different model: the mean of products is not the product of means.)
@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from salsa.errors import SalsaError
+from salsa.infra.progress import track
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -63,19 +64,15 @@ def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [x / total for x in w]
 
 
-def average_tensors(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Σ w_i · t_i, accumulated in float32 (or float64 for float64 input), returned in the first tensor's dtype.
+def accumulate(acc: torch.Tensor | None, t: torch.Tensor, w: float) -> torch.Tensor:
+    """acc + w · t, kept in float32 (float64 for float64 input); `acc` None starts the sum. Updates `acc` in place.
 
-    `tensors` may be a generator: each is added and dropped before the next is read.
+    Summing ingredients one at a time this way gives Σ w_i · t_i; `t` may be a view of a memory-mapped file: the
+    result never shares its memory.
     """
-    out, dtype = None, None
-    for t, w in zip(tensors, weights, strict=True):
-        if out is None:  # w · t is exactly 0 + w · t: one pass instead of zeros then add
-            dtype = t.dtype
-            out = t.to(torch.float64 if dtype == torch.float64 else torch.float32) * w
-        else:
-            out.add_(t.to(out.dtype), alpha=w)
-    return out.to(dtype)
+    if acc is None:  # w · t is exactly 0 + w · t: one pass instead of zeros then add
+        return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32) * w
+    return acc.add_(t.to(acc.dtype), alpha=w)
 
 
 def concat_lora(
@@ -181,34 +178,6 @@ SAFE_DTYPES = {
 }  # fmt: skip
 
 
-class SafetensorsReader:
-    """Tensors of one safetensors file, read one at a time with plain file reads.
-
-    Unlike safetensors' memory map, bytes read once do not stay resident in this process while the file is open,
-    so reading every tensor of a shard costs memory for one tensor, not for the shard.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self._file = open(path, "rb")  # noqa: SIM115 (closed by close(), the reader outlives one block)
-        size = int.from_bytes(self._file.read(8), "little")
-        self.header: dict = json.loads(self._file.read(size))
-        self.header.pop("__metadata__", None)
-        self._data_start = 8 + size
-
-    def get(self, name: str) -> torch.Tensor:
-        meta = self.header[name]
-        begin, end = meta["data_offsets"]
-        dtype = SAFE_DTYPES[meta["dtype"]]
-        raw = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: the read fills it, no zeroing pass
-        self._file.seek(self._data_start + begin)
-        if self._file.readinto(memoryview(raw.numpy())) != end - begin:
-            raise SoupError(f"{self._file.name}: tensor {name} runs past the end of the file (truncated?)")
-        return raw.view(dtype).reshape(meta["shape"])
-
-    def close(self) -> None:
-        self._file.close()
-
-
 def write_safetensors_streamed(
     path: str | os.PathLike,
     specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
@@ -243,9 +212,11 @@ def soup_checkpoints(
 ) -> list[float]:
     """Write the weighted average of Hugging Face safetensors checkpoints to `out`, keeping the first's sharding.
 
-    Streams tensor by tensor: each output tensor is accumulated one ingredient at a time and written as soon as it
-    is made, so memory holds about two copies of the largest tensor, whatever the model or shard size.
-    Non-floating tensors (integer buffers) must be equal across ingredients and are copied.
+    Shard by shard: the output shard's tensors are summed in float32 one ingredient at a time, each ingredient's
+    file read through a memory map (the page cache's own pages, no copy) that is closed before the next file is
+    opened. Memory holds one output shard in float32 plus the pages of one ingredient file, whatever the model's
+    size, and the files are read as fast as loading them whole. Non-floating tensors (integer buffers) must be equal
+    across ingredients and are copied.
     """
     paths = [Path(p) for p in paths]
     w = normalize_weights(weights, len(paths))
@@ -253,32 +224,31 @@ def soup_checkpoints(
     indexes = [_tensor_index(p) for p in paths]  # each ingredient's own shard of each tensor
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    readers: dict[Path, SafetensorsReader] = {}
 
-    def read(i: int, name: str) -> torch.Tensor:
-        file = paths[i] / indexes[i][name][0]
-        if file not in readers:
-            readers[file] = SafetensorsReader(file)
-        return readers[file].get(name)
-
-    def souped(name: str) -> torch.Tensor:
-        if SAFE_DTYPES[indexes[0][name][2]].is_floating_point:
-            return average_tensors((read(i, name) for i in range(len(paths))), w)
-        first = read(0, name)
-        if any(not torch.equal(read(i, name), first) for i in range(1, len(paths))):
-            raise SoupError(f"non-floating tensor {name} differs between ingredients")
-        return first
-
-    from salsa.infra.progress import track  # here, so the soup command line does not load Lightning
+    def summed(names: Sequence[str]) -> dict[str, torch.Tensor]:
+        acc: dict[str, torch.Tensor] = {}
+        for i, path in enumerate(paths):
+            files: dict[str, list[str]] = {}  # this ingredient's files holding the shard's tensors
+            for n in names:
+                files.setdefault(indexes[i][n][0], []).append(n)
+            for file, members in files.items():
+                with safe_open(str(path / file), "pt") as f:
+                    for n in members:
+                        t = f.get_tensor(n)
+                        if t.dtype.is_floating_point:
+                            acc[n] = accumulate(acc.get(n), t, w[i])
+                        elif n not in acc:
+                            acc[n] = t.clone()  # the map closes with the file
+                        elif not torch.equal(t, acc[n]):
+                            raise SoupError(f"non-floating tensor {n} differs between ingredients")
+        return acc
 
     shards = checkpoint_shards(paths[0])
-    try:
-        for shard, names in track(shards.items(), "[soup] averaging shards", total=len(shards)):
-            specs = [(n, indexes[0][n][1], SAFE_DTYPES[indexes[0][n][2]]) for n in names]
-            write_safetensors_streamed(out / shard, specs, (souped(n) for n in names), {"format": "pt"})
-    finally:
-        for r in readers.values():
-            r.close()
+    for shard, names in track(shards.items(), "[soup] averaging shards", total=len(shards)):
+        specs = [(n, indexes[0][n][1], SAFE_DTYPES[indexes[0][n][2]]) for n in names]
+        acc = summed(names)
+        tensors = (acc.pop(n).to(dtype) for n, _, dtype in specs)  # each freed once written
+        write_safetensors_streamed(out / shard, specs, tensors, {"format": "pt"})
     for f in paths[0].iterdir():  # config, generation config, tokenizer files, shard index
         if f.is_file() and not f.name.endswith(".safetensors") and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
