@@ -2,12 +2,15 @@
 
     python benchmarks/gpu_gemma2b_ppo.py            # one GPU: google/gemma-2b's shape, nf4, random weights
     python benchmarks/gpu_gemma2b_ppo.py --tiny     # CPU smoke run at toy sizes (what the tests run)
+    python benchmarks/gpu_gemma2b_ppo.py --quant none               # bf16 base, the soup merged into it
+    python benchmarks/gpu_gemma2b_ppo.py --quant none --no-merge-start   # bf16 base, the soup as an adapter
+    python benchmarks/gpu_gemma2b_ppo.py --small --quant none       # CPU: a 4-layer, width-512 model of that shape
 
 Needs no network: the model is built from the preset's shipped config (conf/model/gemma2b.yaml, `from_config`,
 random weights), saved once to a temp dir, and loaded back 4-bit by the same code the pipeline uses. Three random
 LoRA "SFT ingredients" are souped into the reference; a random LoRA reward adapter with a scalar head is the reward
 model and the value function's start (`salsa.models.adapter_actors.build_adapter_actors`). The PPO module is the
-pipeline's own.
+pipeline's own. Generation (sampling the rollout) is timed on its own as well as the whole iteration.
 Goal on one GPU: peak memory <= 12 GB, so a 16 GB card fits.
 """
 
@@ -30,7 +33,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from benchmarks._common import bare_trainer  # noqa: E402
+from benchmarks._common import bare_trainer, sync  # noqa: E402
 from salsa.algorithms.ppo import PPOConfig, PPOModule  # noqa: E402
 from salsa.data.synthetic import SyntheticTask  # noqa: E402
 from salsa.infra.cache import Entry  # noqa: E402
@@ -41,6 +44,8 @@ from salsa.models.qlora import BaseSettings, LoraSettings  # noqa: E402
 from salsa.models.shared_base import SharedBase  # noqa: E402
 from salsa.runner import quiet_libraries  # noqa: E402
 
+SMALL_ARCH = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 1, "head_dim": 64}  # fmt: skip
 TINY_ARCH = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
              "num_key_value_heads": 1, "head_dim": 32}  # fmt: skip
 
@@ -55,6 +60,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=2, help="PPO iterations")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
     p.add_argument("--goal-gb", type=float, default=12.0, help="peak-memory goal in GB (GPU only)")
+    p.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="model.quant of the base")
+    p.add_argument(
+        "--merge-start", action=argparse.BooleanOptionalAction, default=True,
+        help="ppo.merge_start: with --quant none, fold the soup into the base (policy = base + one adapter)",
+    )  # fmt: skip
+    p.add_argument(
+        "--small", action="store_true",
+        help="a 4-layer, width-512 model of Gemma's shape with the word tokenizer's vocabulary (CPU runs)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -93,16 +107,22 @@ def random_adapters(settings: BaseSettings, device: torch.device, out: Path, hid
 
 
 class TimedPPO(PPOModule):
-    """The pipeline's PPO module, recording each iteration's wall time and response tokens."""
+    """The pipeline's PPO module, recording each iteration's wall time, its generation's, and response tokens."""
+
+    def generate(self, query, query_mask):
+        sync()
+        started = time.perf_counter()
+        samples = super().generate(query, query_mask)
+        sync()
+        self.generation = [*getattr(self, "generation", []), time.perf_counter() - started]
+        return samples
 
     def on_train_epoch_start(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         self.timings = [*getattr(self, "timings", []), time.perf_counter() - self._started]
         tokens = self.last_stats["ppo/response_length"] * self.config.batch_size
         self.tokens = [*getattr(self, "tokens", []), tokens]
@@ -122,6 +142,8 @@ def main(argv=None) -> dict:
     if args.tiny:
         arch.update(TINY_ARCH, vocab_size=len(tokenizer))
         args.batch, args.prompt_len, args.response_len, args.rank = 4, 8, 6, 4
+    elif args.small:  # the decoder's cost, where the adapters are, not a 256k-row LM head's
+        arch.update(SMALL_ARCH, vocab_size=len(tokenizer))
     # prompts of exactly prompt_len words; the word-level tokenizer makes each word one token
     gen = torch.Generator().manual_seed(0)
     prompts = [
@@ -134,7 +156,9 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         n_params = random_checkpoint(tmp / "base", arch, tokenizer, device)
-        settings = BaseSettings(name_or_path=str(tmp / "base"), quant="nf4", gradient_checkpointing=True, lora=lora)
+        settings = BaseSettings(
+            name_or_path=str(tmp / "base"), quant=args.quant, gradient_checkpointing=True, lora=lora
+        )
         paths = random_adapters(settings, device, tmp, arch["hidden_size"])
         setup_s = time.perf_counter() - t0
         gc.collect()  # the checkpoint-making copies must be gone before the measured run starts
@@ -145,7 +169,8 @@ def main(argv=None) -> dict:
         def entry(stage: str, name: str) -> Entry:
             return Entry(stage, name, paths[name], {}, reused=False)
 
-        actors = build_adapter_actors(settings, entry("soup", "soup"), entry("soup", "soup"), entry("rm", "rm"), device)
+        soup = entry("soup", "soup")
+        actors = build_adapter_actors(settings, soup, soup, entry("rm", "rm"), device, merge_start=args.merge_start)
         config = PPOConfig(
             iterations=args.iterations,
             batch_size=args.batch,
@@ -164,6 +189,8 @@ def main(argv=None) -> dict:
         trainer.fit(module)
 
     steady = module.timings[1:] or module.timings  # the first iteration includes CUDA warm-up
+    steady_gen = module.generation[1:] or module.generation
+    tokens = sum(module.tokens[1:] or module.tokens)
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "model": "google/gemma-2b shape" if not args.tiny else "tiny",
@@ -172,9 +199,14 @@ def main(argv=None) -> dict:
         "prompt_len": args.prompt_len,
         "response_len": args.response_len,
         "iterations": args.iterations,
+        "quant": args.quant,
+        "merged_start": args.quant == "none" and args.merge_start,
+        "policy_adapters": len(actors.policy.names),
         "setup_s": round(setup_s, 1),
         "iteration_s": [round(t, 2) for t in module.timings],
-        "tokens_per_s": round(sum(module.tokens[1:] or module.tokens) / sum(steady), 1),
+        "generation_s": [round(t, 2) for t in module.generation],
+        "tokens_per_s": round(tokens / sum(steady), 1),
+        "generation_tokens_per_s": round(tokens / sum(steady_gen), 1),
         "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
         "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None,
         "final_stats": {k: round(v, 4) for k, v in module.last_stats.items()},
@@ -185,7 +217,7 @@ def main(argv=None) -> dict:
     print(
         f"\npeak GPU memory {result['peak_allocated_gb']} GB allocated / {result['peak_reserved_gb']} GB reserved "
         f"(goal <= {args.goal_gb} GB); {result['tokens_per_s']} response tokens/s over PPO iterations "
-        f"(rollout + scoring + update)"
+        f"(rollout + scoring + update), {result['generation_tokens_per_s']} in generation alone"
         if cuda
         else f"\n{result['tokens_per_s']} response tokens/s on CPU (smoke run)"
     )

@@ -58,7 +58,7 @@ def _reward_adapter(ckpt: Path, out: Path) -> Path:
 
 def _settings(ckpt: Path, **kw) -> BaseSettings:
     lora = LoraSettings(r=4, alpha=8, target_modules=TARGETS)
-    return BaseSettings(name_or_path=str(ckpt), quant="nf4", lora=lora, **kw)
+    return BaseSettings(**{"name_or_path": str(ckpt), "quant": "nf4", "lora": lora, **kw})
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -313,3 +313,61 @@ def test_reward_head_and_adapters_train_in_float32_on_a_bf16_base(tmp_path, monk
         opt.zero_grad()
     changed = [(trainable[n].detach() != w).float().mean().item() for n, w in head.items()]
     assert min(changed) > 0.9  # (nearly) every head weight moved; in bf16 almost none would
+
+
+@pytest.mark.parametrize("other", [False, True], ids=["ref=start", "ref=other"])
+def test_merged_start_equals_the_adapter_form(tmp_path, other):
+    """`ppo.merge_start` on a plain-weight base: the policy's start folded into the weights gives the same four
+    models as the adapter form (float tolerance), before and after an identical update, with fewer adapters on the
+    policy and the reference; the saved policy is the same plain peft adapter on the unmerged base."""
+    from salsa.models.actors import response_logits
+
+    ckpt = tiny_checkpoint(tmp_path / "base", "llama")
+    ingredients = _ingredients(ckpt, tmp_path)
+    soup_lora_adapters(ingredients, tmp_path / "soup")
+    rm = _entry("rm", _reward_adapter(ckpt, tmp_path / "rm"))
+    start = _entry("sft", ingredients[0]) if other else _entry("soup", tmp_path / "soup")
+    ref = _entry("sft", ingredients[1]) if other else start
+    settings = _settings(ckpt, quant="none")
+    plain, merged = (build_adapter_actors(settings, start, ref, rm, "cpu", merge_start=m) for m in (False, True))
+    trained = dict(plain.shared.named_parameters())
+    for name, param in merged.shared.named_parameters():  # the same fresh policy adapter (its A is random)
+        if param.requires_grad:
+            param.data.copy_(trained[name])
+    assert merged.policy.names == ("policy",) and len(plain.policy.names) == 2
+    assert merged.reference.names == (("start_negated", f"sft_{ref.key}") if other else ())
+    seq, mask, p = _batch(plain)
+
+    def outputs(actors):
+        with torch.no_grad():
+            return [
+                actors.policy_logits(seq, mask, p), actors.reference_logits(seq, mask, p),
+                actors.values(seq, mask, p), actors.scores(seq, mask),
+            ]  # fmt: skip
+
+    for got, want in zip(outputs(merged), outputs(plain), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for actors in (plain, merged):  # one identical step on each
+        opt = torch.optim.SGD(actors.trainable_parameters(), lr=1.0)
+        actors.train()
+        loss = actors.policy_logits(seq, mask, p).logsumexp(-1).mean() + actors.values(seq, mask, p).pow(2).mean()
+        loss.backward()
+        opt.step()
+        actors.eval()
+    after = outputs(merged)
+    for got, want in zip(after, outputs(plain), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (after[0] - after[1]).abs().max() > 1e-4  # the policy moved, the comparison is not of two starts
+
+    merged.save_policy(tmp_path / "policy")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), tmp_path / "policy").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(response_logits(reloaded, seq, mask, p), after[0], rtol=1e-4, atol=1e-4)
+
+
+def test_merging_needs_plain_weights(plan):
+    _, ingredients, _, actors = plan
+    actors.shared.load_adapter("extra", ingredients[0])
+    with pytest.raises(AdapterError, match="model.quant=none"):
+        actors.shared.merge_adapter("extra")
+    actors.shared._remove("extra")

@@ -81,7 +81,16 @@ def test_estimate_parts_add_up():
     sft = estimate_supervised(shapes, "nf4", 2, batch=3, seq=7, lm_head=True)
     assert sft - estimate_supervised(shapes, "nf4", 2, batch=3, seq=7, lm_head=False) == logits_bytes(21, 96, True)
     plain = estimate(shapes, "none", r=2, ingredients=3, rollout_batch=4, minibatch=2, prompt_len=3, response_len=5)
-    assert plain["base_weights"] > parts["base_weights"]
+    assert plain["base_weights"] > parts["base_weights"] and plain["merge"] == 0
+    # the soup merged into a plain base: one projection's weight and delta in float32, before the rollout
+    merged = estimate(
+        shapes, "none", r=2, ingredients=3, rollout_batch=4, minibatch=2, prompt_len=3, response_len=5,
+        merged_start=True,
+    )  # fmt: skip
+    assert merged["merge"] == 2 * max(i * o for i, o in shapes.targets) * 4
+    assert merged["peak"] == plain["peak"] - max(plain["activations_train"], plain["rollout"]) + max(
+        plain["activations_train"], plain["rollout"], merged["merge"]
+    )
 
 
 # published parameter counts of the three models

@@ -130,3 +130,24 @@ def test_rollout_scored_a_few_rows_at_a_time_is_the_same(stages, monkeypatch):
     chunked = module.rollout(prompts, iteration=0)
     for key in ("sequences", "logprobs", "values", "advantages", "returns"):
         torch.testing.assert_close(chunked["batch"][key], whole["batch"][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, merged",
+    [
+        ((), False),  # the embedded tiny model: full weights, nothing to merge
+        (("model=gemma2b",), False),  # nf4: a 4-bit base cannot take a merge
+        (("model=gemma2b", "model.quant=none"), True),
+        (("model=gemma2b", "model.quant=none", "ppo.merge_start=false"), False),
+    ],
+)
+def test_merge_start_enters_the_ppo_key_only_where_it_applies(tmp_path, overrides, merged):
+    from salsa.infra.cache import Entry
+    from salsa.stages.ppo import stage_spec
+
+    cfg = make_cfg(tmp_path, *overrides)
+    entries = [Entry(stage, key, tmp_path, {}, reused=False) for stage, key in (("soup", "a"), ("rm", "b"))]
+    spec, got = stage_spec(cfg, entries[0], entries[0], entries[1])
+    assert got is merged
+    assert "merge_start" not in spec["ppo"]  # runs that cannot merge keep the keys they had before the option
+    assert spec.get("merged_start", False) is merged

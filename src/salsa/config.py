@@ -298,6 +298,7 @@ class PPOConfig(Group):
     missing_eos_penalty: float | None = None  # subtracted from the score of responses that never end
     seed: int = 0  # prompt order, sampling and minibatch order
     ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
+    merge_start: bool = True  # model.quant=none: fold the policy's start into the base's weights (fewer adapters)
 
     POSITIVE_INT = (
         "iterations", "batch_size", "num_minibatches", "ppo_epochs", "response_length", "max_prompt_length",

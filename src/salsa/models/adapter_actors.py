@@ -1,37 +1,56 @@
 """The four PPO models as adapters on one shared base, behind `salsa.models.actors.FullActors`' interface, so the
-PPO module cannot tell the two layouts apart."""
+PPO module cannot tell the two layouts apart.
+
+Two layouts of the same four models:
+- adapters (any base): policy = base + start + new delta, reference = base + reference adapter, value and reward =
+  base + reward adapter (+ head);
+- merged start (`ppo.merge_start` with `model.quant: none`): the policy's start (the soup under SALSA) is folded
+  into the base's weights once, so the policy generates through one adapter instead of two and the reference, when
+  it is the start, through none; the value and reward models, trained on the plain base, see the start undone by
+  its negated adapter beneath theirs.
+"""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from salsa.merge.soup import soup_lora_adapters
 from salsa.models.actors import FullActors, response_logits
-
-if TYPE_CHECKING:
-    pass
-
 from salsa.models.qlora import AdapterError, BaseSettings, checkpoint_trainable_only
 from salsa.models.shared_base import SharedBase
+
+log = logging.getLogger("salsa")
 
 
 class AdapterActors(FullActors):
     """`FullActors`' interface on one shared base (see the module docstring for which adapters make which model)."""
 
-    def __init__(self, shared: SharedBase, policy: Sequence[str], reference: Sequence[str], value: str, reward: str):
+    def __init__(
+        self,
+        shared: SharedBase,
+        policy: Sequence[str],
+        reference: Sequence[str],
+        value: str,
+        reward: str,
+        beneath: Sequence[str] = (),
+        merged: Path | None = None,
+    ):
+        """`beneath`: adapters under the value's and the reward's own (the merged start, negated); `merged`: the
+        adapter directory folded into the base, which the saved policy includes."""
         nn.Module.__init__(self)  # not FullActors': freezing the reference would freeze the shared base's adapters
         if value not in shared.heads or reward not in shared.heads:
             raise AdapterError("value and reward adapters need scalar heads (load them from a reward model)")
         self.shared = shared
         self.policy = shared.causal(policy)
         self.reference = shared.causal(reference)
-        self.value = shared.scalar([value], value)
-        self.reward = shared.scalar([reward], reward)
+        self.value = shared.scalar([*beneath, value], value)
+        self.reward = shared.scalar([*beneath, reward], reward)
+        self.merged = merged
         checkpoint_trainable_only(self)
 
     def train(self, mode: bool = True):
@@ -47,22 +66,49 @@ class AdapterActors(FullActors):
         return [p for p in self.parameters() if p.requires_grad]
 
     def save_policy(self, path) -> None:
-        """The policy as one plain peft adapter: its adapters' deltas summed exactly (ranks concatenated)."""
+        """The policy as one plain peft adapter on the unmerged base: its adapters' deltas (and the merged start's)
+        summed exactly (ranks concatenated)."""
         names = self.policy.names
-        if len(names) == 1:
+        if len(names) == 1 and self.merged is None:
             self.shared.save_adapter(names[0], path)
             return
         with tempfile.TemporaryDirectory() as tmp:
             parts = [Path(tmp) / n for n in names]
             for n, part in zip(names, parts, strict=True):
                 self.shared.save_adapter(n, part)
+            parts = [self.merged, *parts] if self.merged is not None else parts
             soup_lora_adapters(parts, path, [1.0] * len(parts), normalize=False)
 
 
-def build_adapter_actors(settings: BaseSettings, policy_init, reference, rm, device) -> AdapterActors:
-    """Policy, value, reference and reward on one base from cache entries (SFT/soup adapters and a reward adapter)."""
+def merges_start(settings: BaseSettings, merge_start: bool) -> bool:
+    """Whether PPO folds the policy's start into the base: asked for, and the base holds plain weights."""
+    return merge_start and settings.quant == "none"
+
+
+def build_adapter_actors(
+    settings: BaseSettings, policy_init, reference, rm, device, merge_start: bool = False
+) -> AdapterActors:
+    """Policy, value, reference and reward on one base from cache entries (SFT/soup adapters and a reward adapter);
+    with `merge_start` on a plain-weight base, the policy's start is folded into the base (module docstring)."""
     shared = SharedBase.load(settings, device)
     names: dict[str, str] = {}
+    if merges_start(settings, merge_start):
+        shared.load_adapter("start_negated", policy_init.path, negate=True)
+        shared.load_adapter("start", policy_init.path)
+        shared.merge_adapter("start")
+        shared.new_adapter("policy", settings.lora)
+        shared.load_adapter("reward", rm.path)
+        shared.load_adapter("value", rm.path, trainable=True)  # the value function starts as the reward model
+        log.info("[ppo] the policy's start %s is merged into the base: the policy generates through one adapter",
+                 policy_init.key)  # fmt: skip
+        if reference.key == policy_init.key:
+            ref = []  # the merged base is the reference
+        else:
+            ref = ["start_negated", f"{reference.stage}_{reference.key}"]
+            shared.load_adapter(ref[1], reference.path)
+        return AdapterActors(
+            shared, ["policy"], ref, "value", "reward", beneath=["start_negated"], merged=Path(policy_init.path)
+        )
 
     def frozen(entry) -> str:
         if entry.key not in names:

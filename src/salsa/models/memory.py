@@ -156,8 +156,11 @@ def estimate(
     prompt_len: int,
     response_len: int,
     checkpointing: bool = True,
+    merged_start: bool = False,
 ) -> dict[str, float]:
-    """Bytes of each part of a PPO run on one GPU under the QLoRA plan (see the module docstring)."""
+    """Bytes of each part of a PPO run on one GPU under the QLoRA plan (see the module docstring). `merged_start`:
+    the soup is folded into a plain-weight base first (`ppo.merge_start`); its negated adapter replaces the soup's,
+    and the merge itself holds one projection's weight and delta in float32 for a moment, before the rollout."""
     seq = prompt_len + response_len
     other = shapes.parameters - shapes.linear
     base = (nf4_bytes(shapes.linear) if quant == "nf4" else shapes.linear * BF16) + other * BF16
@@ -172,6 +175,7 @@ def estimate(
         generation_logits_bytes(rollout_batch, shapes.vocab),
         scoring_logits_bytes(rollout_batch, response_len, shapes.vocab),  # reference log-probs
     )
+    merge = 2 * max(i * o for i, o in shapes.targets) * FP32 if merged_start else 0
     parts = {
         "base_weights": base,
         "adapters_frozen": frozen * FP32,
@@ -179,8 +183,10 @@ def estimate(
         "grads_and_optimizer": adam_bytes(trainable),
         "activations_train": train,
         "rollout": rollout,
+        "merge": merge,
     }
-    parts["peak"] = sum(v for k, v in parts.items() if k not in ("activations_train", "rollout")) + max(train, rollout)
+    transient = ("activations_train", "rollout", "merge")
+    parts["peak"] = sum(v for k, v in parts.items() if k not in transient) + max(train, rollout, merge)
     parts.update(
         parameters=shapes.parameters, linear_parameters=shapes.linear, adapter_parameters=one_adapter,
         trainable_parameters=trainable, frozen_adapter_parameters=frozen,
@@ -268,6 +274,7 @@ def estimate_from_cfg(cfg) -> tuple[dict[str, float], dict[str, Any]]:
         lora["r"],
         len(cfg.ref.ingredients),
         checkpointing=bool(m.get("gradient_checkpointing", True)),
+        merged_start=m.get("quant", "none") == "none" and bool(m.get("name_or_path")) and p.get("merge_start", True),
         **sizes,
     )
     quant, ckpt = m.get("quant", "none"), bool(m.get("gradient_checkpointing", True))

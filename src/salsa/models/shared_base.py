@@ -117,8 +117,10 @@ class SharedBase(nn.Module):
         """A fresh adapter whose B is zero: it adds nothing until trained. No dropout (PPO's logprobs must match)."""
         self._add(name, lora.config(dropout=0.0), trainable)
 
-    def load_adapter(self, name: str, path: str | os.PathLike, trainable: bool = False) -> None:
-        """A saved peft LoRA adapter, under `name`; its scalar head (a reward model's) goes to `heads[name]`."""
+    def load_adapter(self, name: str, path: str | os.PathLike, trainable: bool = False, negate: bool = False) -> None:
+        """A saved peft LoRA adapter, under `name`; its scalar head (a reward model's) goes to `heads[name]`.
+        `negate` loads it with the opposite delta (−B·A·scale): on a base the adapter was merged into, it undoes
+        the merge for the models that must not see it."""
         config, lora, head = read_adapter(path)
         for unsupported in ("use_dora", "rank_pattern", "alpha_pattern"):
             if config.get(unsupported):
@@ -142,6 +144,12 @@ class SharedBase(nn.Module):
                 f"{path}: adapter does not fit the base {self.base_name} (unexpected {unexpected[:3]}, "
                 f"missing {missing[:3]})"
             )
+        if negate:
+            if head:
+                raise AdapterError(f"{path}: a reward model's adapter cannot be negated (its head would not be)")
+            for layer in self._layers:
+                if name in layer.lora_B:
+                    layer.lora_B[name].weight.data.neg_()
         if head:
             weight = head[f"{HEAD}.weight"]
             module = ScalarHead(weight.shape[1], weight.shape[0], bias=f"{HEAD}.bias" in head)
@@ -149,6 +157,22 @@ class SharedBase(nn.Module):
             module.to(next(self.lm.parameters()).device)
             module.requires_grad_(trainable)
             self.heads[name] = module
+
+    def merge_adapter(self, name: str) -> None:
+        """Fold adapter `name` into the base's weights, W ← W + B·A·scale (summed in float32, stored in the base's
+        dtype), and remove it: models that had it on now run without it, and all others see it in the weights.
+        Needs plain weights (`model.quant: none`); a 4-bit base cannot take a merge without requantising."""
+        if name not in self.adapters:
+            raise AdapterError(f"unknown adapter {name!r}; loaded: {self.adapters}")
+        for layer in self._layers:
+            if name not in layer.lora_A:
+                continue
+            base = layer.get_base_layer()
+            if not base.weight.is_floating_point() or base.weight.__class__.__name__ == "Params4bit":
+                raise AdapterError("merging an adapter into the base needs plain weights (model.quant=none)")
+            delta = layer.get_delta_weight(name).float()
+            base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
+        self._remove(name)
 
     # -- switching ------------------------------------------------------------------------------------------------
     def _set_active(self, names: Sequence[str]) -> None:

@@ -14,7 +14,7 @@ from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.training import fit_resumable
 from salsa.models.actors import FullActors
-from salsa.models.adapter_actors import build_adapter_actors
+from salsa.models.adapter_actors import build_adapter_actors, merges_start
 from salsa.models.hf import load_causal_lm, load_reward_model, load_tokenizer
 from salsa.models.qlora import BaseSettings, uses_adapters
 
@@ -50,23 +50,36 @@ def build_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullActors:
     return FullActors(policy, value, ref, reward)
 
 
+def stage_spec(cfg, policy_init: Entry, reference: Entry, rm: Entry) -> tuple[dict, bool]:
+    """The PPO stage's cache key material, and whether the policy's start is merged into the base.
+
+    `ppo.merge_start` enters the key only where it applies (adapters on a plain-weight base): elsewhere it changes
+    nothing, and the keys of runs that cannot merge stay what they were before the option existed."""
+    ppo = plain(cfg.ppo)
+    merge_start = ppo.pop("merge_start")
+    merged = uses_adapters(cfg.model) and merges_start(BaseSettings.from_cfg(cfg.model), merge_start)
+    spec = {
+        "policy_init": policy_init.key, "reference": reference.key, "rm": rm.key, "ppo": ppo, "data": plain(cfg.data),
+        **({"merged_start": True} if merged else {}),
+    }  # fmt: skip
+    return spec, merged
+
+
 def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str) -> Entry:
     """The policy trained by PPO from `policy_init` against `reference` and the reward model `rm`. `ref_name` labels
     it in this run's logs and plots; it is not part of the cache key (the same training under another name is the
     same stage)."""
     cfg = ctx.cfg
-    spec = {
-        "policy_init": policy_init.key, "reference": reference.key, "rm": rm.key,
-        "ppo": plain(cfg.ppo), "data": plain(cfg.data),
-    }  # fmt: skip
+    adapters = uses_adapters(cfg.model)
+    spec, merged = stage_spec(cfg, policy_init, reference, rm)
 
     def build(work: Path, run_id: str | None) -> dict:
         config = PPOConfig.from_cfg(cfg.ppo)
         pl.seed_everything(config.seed, workers=True, verbose=False)
         tok = load_tokenizer(policy_init.path)
-        adapters = uses_adapters(cfg.model)
         if adapters:  # QLoRA: all four models are adapters on one shared base
-            actors = build_adapter_actors(BaseSettings.from_cfg(cfg.model), policy_init, reference, rm, ctx.device)
+            settings = BaseSettings.from_cfg(cfg.model)
+            actors = build_adapter_actors(settings, policy_init, reference, rm, ctx.device, merge_start=merged)
         else:
             actors = build_actors(policy_init, reference, rm)
         module = PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge)
