@@ -17,6 +17,13 @@ computes more than that shows a lower rate.
     python benchmarks/ppo_throughput.py                     # tiny and mid, ours and TRL
     python benchmarks/ppo_throughput.py --sizes tiny --no-trl
     python benchmarks/ppo_throughput.py --smoke             # seconds; TRL too only if its venv already exists
+    python benchmarks/ppo_throughput.py --sizes tiny --compile --iterations 100 --rounds 1   # + ppo.compile, long
+
+`--compile` adds a third side, ours with `ppo.compile` (the four decoders under torch.compile). Its first iteration
+includes compiling; its on-disk cache lives in the benchmark's work directory, so the first compiled run of an
+invocation compiles from scratch and later rounds load the cache (as the jobs of a sweep do). Besides the per-phase
+medians (first `--warmup` iterations dropped), the report gives each run's first iteration and its total over all
+iterations, compile included.
 """
 
 from __future__ import annotations
@@ -158,7 +165,7 @@ def prepare(workdir: Path, size: dict, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Our side: one process running PPOModule under Lightning, phases timed from outside the math
 # ---------------------------------------------------------------------------------------------------------------
-def run_ours(workdir: Path, iterations: int, out: Path) -> None:
+def run_ours(workdir: Path, iterations: int, out: Path, compiled: bool = False) -> None:
 
     from salsa.algorithms.ppo import PPOConfig, PPOModule
     from salsa.infra.cache import Entry
@@ -192,6 +199,8 @@ def run_ours(workdir: Path, iterations: int, out: Path) -> None:
     config = PPOConfig(**{**json.loads((workdir / "settings.json").read_text()), "iterations": iterations})
     policy_dir, reward_dir = (Entry("bench", n, workdir / n, {}, False) for n in ("policy", "reward"))
     actors = build_actors(policy_dir, policy_dir, reward_dir)
+    if compiled:
+        actors.compile()
     actors.reference_logits = scoring(actors.reference_logits)
     actors.values = scoring(actors.values)
     actors.scores = scoring(actors.scores)
@@ -200,7 +209,7 @@ def run_ours(workdir: Path, iterations: int, out: Path) -> None:
     trainer = bare_trainer(iterations)
     trainer.fit(module)
     result = {
-        "tool": "salsa",
+        "tool": "salsa-compiled" if compiled else "salsa",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "iterations": clock.iterations,
@@ -214,12 +223,15 @@ def run_ours(workdir: Path, iterations: int, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def run_side(side: str, python: Path, workdir: Path, iterations: int, threads: int | None) -> dict:
     out = workdir / f"{side}-{time.monotonic_ns()}.json"
-    if side == "ours":
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if side in ("ours", "compiled"):
         cmd = [str(python), str(Path(__file__).resolve()), "--worker", "--workdir", str(workdir), "--out", str(out)]
+        if side == "compiled":
+            cmd.append("--compiled")
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / "inductor")  # cold in the first round, warm after
     else:
         cmd = [str(python), str(Path(__file__).with_name("trl_ppo.py")), "--workdir", str(workdir), "--out", str(out)]
     cmd += ["--iterations", str(iterations)] + (["--threads", str(threads)] if threads else [])
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     done = run_measured(cmd, env=env)
@@ -248,12 +260,15 @@ def summarise(runs: list[dict], warmup: int, arch: dict, vocab: int, ppo_epochs:
             "flops_per_s": work / secs,
         }
     out["shape"] = {k: statistics.median(it[k] for it in its) for k in ("batch", "prompt_len", "response_len")}
+    out["first_iteration_s"] = [r["iterations"][0]["iteration"] for r in runs]  # compiling included
+    out["total_s"] = [sum(it["iteration"] for it in r["iterations"]) for r in runs]
     return out
 
 
 def report(name: str, info: dict, summary: dict[str, dict], peak: float) -> str:
     c = info["config"]
     sides = list(summary)
+    ours = [s for s in sides if s != "trl"] if "trl" in summary else []  # the sides compared with TRL
     shape = summary[sides[0]]["shape"]
     lines = [
         f"## {name}: {info['parameters'] / 1e6:.1f}M parameters per model, vocabulary {info['vocab']}; batch "
@@ -263,8 +278,9 @@ def report(name: str, info: dict, summary: dict[str, dict], peak: float) -> str:
         "",
         "| phase | "
         + " | ".join(f"{s} s | {s} tok/s | {s} GFLOP/s (% of matmul)" for s in sides)
-        + (" | ours/TRL throughput | ours/TRL by CPU time |" if "trl" in summary else " |"),
-        "|---" * (1 + 3 * len(sides) + 2 * ("trl" in summary)) + "|",
+        + "".join(f" | {s}/TRL throughput | {s}/TRL by CPU time" for s in ours)
+        + " |",
+        "|---" * (1 + 3 * len(sides) + 2 * len(ours)) + "|",
     ]
     for phase in PHASES:
         row = [phase]
@@ -274,14 +290,18 @@ def report(name: str, info: dict, summary: dict[str, dict], peak: float) -> str:
             row.append(
                 f"{p['flops_per_s'] / 1e9:.1f} ({100 * p['flops_per_s'] / peak:.0f}%)" if phase != "other" else "-"
             )
-        if "trl" in summary:
+        for side in ours:
             for key in ("seconds", "cpu_seconds"):
-                row.append(f"{summary['trl'][phase][key] / summary['ours'][phase][key]:.2f}×")
+                row.append(f"{summary['trl'][phase][key] / summary[side][phase][key]:.2f}×")
         lines.append("| " + " | ".join(row) + " |")
     lines.append("| peak RSS | " + " | ".join(f"{human_bytes(summary[s]['peak_rss_bytes'])} | | " for s in sides) + "|")
     lines.append(
         "\nseconds are wall-clock; CPU time is each process's own (all threads), which a busy machine inflates less"
     )
+    lines += ["", "| side | first iteration s, per run (compiling included) | whole run s, per run |", "|---|---|---|"]
+    for s in sides:
+        first = ", ".join(f"{t:.1f}" for t in summary[s]["first_iteration_s"])
+        lines.append(f"| {s} | {first} | {', '.join(f'{t:.1f}' for t in summary[s]['total_s'])} |")
     return "\n".join(lines)
 
 
@@ -295,15 +315,17 @@ def main() -> None:
     parser.add_argument("--no-trl", action="store_true", help="only our side")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round; TRL only if its venv exists")
     parser.add_argument("--json", type=Path, default=None, help="also write the summaries here")
+    parser.add_argument("--compile", action="store_true", help="also ours with ppo.compile (torch.compile)")
     # worker mode (internal): one of our runs in this process
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        return run_ours(args.workdir, args.iterations, args.out)
+        return run_ours(args.workdir, args.iterations, args.out, args.compiled)
     if args.smoke:
         args.sizes, args.iterations, args.warmup, args.rounds = "smoke", 2, 1, 1
 
@@ -330,11 +352,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"ppo-bench-{name}-") as tmp:
             workdir = Path(tmp)
             info = prepare(workdir, size)
-            runs: dict[str, list[dict]] = {"ours": [], **({"trl": []} if trl_python else {})}
+            runs: dict[str, list[dict]] = {
+                "ours": [], **({"compiled": []} if args.compile else {}), **({"trl": []} if trl_python else {})
+            }  # fmt: skip
             for r in range(args.rounds):
                 order = list(runs) if r % 2 == 0 else list(reversed(runs))
                 for side in order:
-                    python = Path(sys.executable) if side == "ours" else trl_python
+                    python = trl_python if side == "trl" else Path(sys.executable)
                     runs[side].append(run_side(side, python, workdir, args.iterations, args.threads))
                     print(f"[{name}] round {r + 1}/{args.rounds}: {side} done", flush=True)
             summary = {

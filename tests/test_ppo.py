@@ -151,3 +151,26 @@ def test_merge_start_enters_the_ppo_key_only_where_it_applies(tmp_path, override
     assert got is merged
     assert "merge_start" not in spec["ppo"]  # runs that cannot merge keep the keys they had before the option
     assert spec.get("merged_start", False) is merged
+
+
+def test_compiled_ppo_runs_the_same_iterations(stages, tmp_path, monkeypatch):
+    """`ppo.compile`: the same two iterations as eager PPO (same samples, statistics to float tolerance), with the
+    compiled kernels written to the on-disk cache a second run would load."""
+    from salsa.stages.ppo import compile_cache
+
+    cfg, ctx, by_stage = stages
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    histories = {}
+    for compiled in (False, True):
+        module, _ = _module(cfg, ctx, by_stage, iterations=2)
+        if compiled:
+            compile_cache(tmp_path / "compile")
+            module.actors.compile()
+        trainer = ctx.trainer(tmp_path / f"ppo-{compiled}", None, max_epochs=2, logger=False)
+        trainer.fit(module)
+        histories[compiled] = module.history
+    for eager, compiled in zip(histories[False], histories[True], strict=True):
+        assert eager["ppo/response_length"] == compiled["ppo/response_length"]  # sampling is eager: same answers
+        for key, value in eager.items():
+            assert math.isclose(compiled[key], value, rel_tol=1e-3, abs_tol=1e-4), key
+    assert any((tmp_path / "compile").rglob("*.py"))  # Inductor's generated kernels, kept for the next run

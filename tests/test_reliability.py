@@ -307,6 +307,7 @@ BAD_INPUTS = {
     "batch not divisible": (["ppo.batch_size=10", "ppo.num_minibatches=3"], "ppo.num_minibatches"),
     "batch over 8 processes": (["trainer=ddp", "trainer.devices=8", "sft.batch_size=4"], "sft.batch_size: 4 does not"),
     "missing model dir": (["model.name_or_path=/no/such/dir"], "model.name_or_path"),
+    "compile with adapters": (["model=gemma2b", "ppo.compile=true"], "ppo.compile: compiles full-weight models only"),
     "hub id not available offline": (["model.name_or_path=nobody/no-such-model"], "model.name_or_path"),
     "missing safetensors": (["model.name_or_path={missing}"], "no safetensors weights"),
     "truncated safetensors": (["model.name_or_path={truncated}"], "truncated safetensors"),

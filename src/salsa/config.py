@@ -299,6 +299,7 @@ class PPOConfig(Group):
     seed: int = 0  # prompt order, sampling and minibatch order
     ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
     merge_start: bool = True  # model.quant=none: fold the policy's start into the base's weights (fewer adapters)
+    compile: bool = False  # torch.compile the four models' decoders for scoring and the update (full weights only)
 
     POSITIVE_INT = (
         "iterations", "batch_size", "num_minibatches", "ppo_epochs", "response_length", "max_prompt_length",

@@ -153,6 +153,12 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value a run would trip over: each group's own checks (`salsa.config`), then
     the files the config names."""
     check_groups(cfg)
+    if cfg.ppo.get("compile") and cfg.model.get("name_or_path"):
+        raise ConfigError(
+            "ppo.compile",
+            "compiles full-weight models only (the embedded model); hub models train as adapters that are switched "
+            "per call, which would recompile at every switch",
+        )
     for warning in scale_warnings(cfg):
         log.warning(warning)
     task = cfg.data.get("task") or {}

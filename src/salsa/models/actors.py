@@ -76,5 +76,13 @@ class FullActors(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
 
+    def compile(self) -> None:
+        """`torch.compile` each model's decoder in place (state-dict keys unchanged), with dynamic shapes: every
+        rollout's prompt width differs, and scoring and the update run different batch sizes. The LM head and the
+        scalar heads stay eager, and so does sampling (`salsa.models.generation.sample`): its growing KV cache would
+        recompile at every step."""
+        for model in (self.policy, self.value, self.reference, self.reward):
+            getattr(model, model.base_model_prefix).compile(dynamic=True)
+
     def save_policy(self, path) -> None:
         self.policy.save_pretrained(str(path))

@@ -107,12 +107,13 @@ def sample(
         return_dict_in_generate=True,
     )
     recorder = SampledLogprobs(temperature if do_sample else 1.0)
-    out = model.generate(
-        input_ids=query,
-        attention_mask=query_mask,
-        generation_config=gen_cfg,
-        logits_processor=LogitsProcessorList([recorder]),
-    )
+    with torch.compiler.set_stance("force_eager"):  # a compiled decoder (ppo.compile) samples eagerly
+        out = model.generate(
+            input_ids=query,
+            attention_mask=query_mask,
+            generation_config=gen_cfg,
+            logits_processor=LogitsProcessorList([recorder]),
+        )
     model.train(was_training)
     response = out.sequences[:, query.size(1) :]
     logprobs = recorder.finish(out.sequences)

@@ -4,6 +4,7 @@ and publishes the policy with its per-iteration history."""
 from __future__ import annotations
 
 import csv
+import os
 from functools import partial
 from pathlib import Path
 
@@ -50,17 +51,27 @@ def build_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullActors:
     return FullActors(policy, value, ref, reward)
 
 
+def compile_cache(path: Path) -> None:
+    """Keep torch.compile's on-disk caches (Inductor's kernels, AOTAutograd's graphs) beside the stage cache, so the
+    jobs of a sweep compile once and the rest load the compiled code; a cache directory set in the environment
+    (TORCHINDUCTOR_CACHE_DIR) wins."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+
+
 def stage_spec(cfg, policy_init: Entry, reference: Entry, rm: Entry) -> tuple[dict, bool]:
     """The PPO stage's cache key material, and whether the policy's start is merged into the base.
 
-    `ppo.merge_start` enters the key only where it applies (adapters on a plain-weight base): elsewhere it changes
-    nothing, and the keys of runs that cannot merge stay what they were before the option existed."""
+    `ppo.merge_start` enters the key only where it applies (adapters on a plain-weight base), and `ppo.compile` only
+    when on (compiled kernels round differently): elsewhere they change nothing, and the keys of runs that use
+    neither stay what they were before the options existed."""
     ppo = plain(cfg.ppo)
-    merge_start = ppo.pop("merge_start")
+    merge_start, compiled = ppo.pop("merge_start"), ppo.pop("compile")
     merged = uses_adapters(cfg.model) and merges_start(BaseSettings.from_cfg(cfg.model), merge_start)
     spec = {
         "policy_init": policy_init.key, "reference": reference.key, "rm": rm.key, "ppo": ppo, "data": plain(cfg.data),
-        **({"merged_start": True} if merged else {}),
+        **({"merged_start": True} if merged else {}), **({"compiled": True} if compiled else {}),
     }  # fmt: skip
     return spec, merged
 
@@ -82,6 +93,9 @@ def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_n
             actors = build_adapter_actors(settings, policy_init, reference, rm, ctx.device, merge_start=merged)
         else:
             actors = build_actors(policy_init, reference, rm)
+        if config.compile:
+            compile_cache(ctx.cache.root / "compile")
+            actors.compile()
         module = PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge)
         ctx.tracker.set_tags(run_id, {"ref": ref_name, "reference_key": reference.key, "policy_init": policy_init.key})
         fit_resumable(
