@@ -1,6 +1,7 @@
 """PPO on the tiny model: starts exactly at the soup, keeps the reference frozen, runs end to end."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -156,10 +157,12 @@ def test_merge_start_enters_the_ppo_key_only_where_it_applies(tmp_path, override
 def test_compiled_ppo_runs_the_same_iterations(stages, tmp_path, monkeypatch):
     """`ppo.compile`: the same two iterations as eager PPO (same samples, statistics to float tolerance), with the
     compiled kernels written to the on-disk cache a second run would load."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from salsa.stages.ppo import compile_cache
 
     cfg, ctx, by_stage = stages
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing torch's compiler sets
     histories = {}
     for compiled in (False, True):
         module, _ = _module(cfg, ctx, by_stage, iterations=2)
@@ -174,3 +177,16 @@ def test_compiled_ppo_runs_the_same_iterations(stages, tmp_path, monkeypatch):
         for key, value in eager.items():
             assert math.isclose(compiled[key], value, rel_tol=1e-3, abs_tol=1e-4), key
     assert any((tmp_path / "compile").rglob("*.py"))  # Inductor's generated kernels, kept for the next run
+
+
+def test_compile_cache_lives_beside_the_stage_cache_unless_the_user_chose_one(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from salsa.stages.ppo import compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # torch's own, set on import
+    compile_cache(tmp_path / "a")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "a") and (tmp_path / "a").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compile_cache(tmp_path / "b")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -53,9 +53,12 @@ def build_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullActors:
 
 def compile_cache(path: Path) -> None:
     """Keep torch.compile's on-disk caches (Inductor's kernels, AOTAutograd's graphs) beside the stage cache, so the
-    jobs of a sweep compile once and the rest load the compiled code; a cache directory set in the environment
-    (TORCHINDUCTOR_CACHE_DIR) wins."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    jobs of a sweep compile once and the rest load the compiled code. A cache directory the user set
+    (TORCHINDUCTOR_CACHE_DIR) wins; torch itself writes its default there on import, which does not count."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         path.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
