@@ -307,6 +307,9 @@ BAD_INPUTS = {
     "batch not divisible": (["ppo.batch_size=10", "ppo.num_minibatches=3"], "ppo.num_minibatches"),
     "batch over 8 processes": (["trainer=ddp", "trainer.devices=8", "sft.batch_size=4"], "sft.batch_size: 4 does not"),
     "missing model dir": (["model.name_or_path=/no/such/dir"], "model.name_or_path"),
+    "fsdp with PPO": (["trainer=fsdp"], "trainer.strategy: fsdp cannot run PPO"),
+    "zero-3 with PPO": (["trainer=deepspeed", "trainer.strategy=deepspeed_stage_3"], "ZeRO-3 shards every parameter"),
+    "sharded 4-bit base": (["model=gemma2b", "trainer=deepspeed"], "cannot shard a 4-bit base"),
     "compile with adapters": (["model=gemma2b", "ppo.compile=true"], "ppo.compile: compiles full-weight models only"),
     "hub id not available offline": (["model.name_or_path=nobody/no-such-model"], "model.name_or_path"),
     "missing safetensors": (["model.name_or_path={missing}"], "no safetensors weights"),
@@ -340,6 +343,18 @@ def test_bad_input_is_rejected_in_one_line(case, upstream, bad_checkpoints, tmp_
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
     assert _snapshot(upstream / "cache") == before
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("trainer=fsdp", "stage=sft"), ("trainer=fsdp", "stage=rm"), ("trainer=deepspeed",), ("trainer=ddp",),
+     ("model=gemma2b", "trainer=ddp")],
+)  # fmt: skip
+def test_strategies_that_can_run_a_run_are_not_refused(overrides, tmp_path):
+    """The refusals above are exact: FSDP may train SFT and reward models, ZeRO-2 may run PPO, DDP runs anything."""
+    from salsa.validate import check_strategy
+
+    check_strategy(make_cfg(tmp_path, *overrides))
 
 
 def test_long_prompts_are_truncated_with_a_count(upstream, tmp_path):

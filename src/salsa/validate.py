@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from salsa.config import check_groups, scale_warnings
+from salsa.config import STAGES, check_groups, scale_warnings
 from salsa.data.schemas import SPLIT_COLUMNS, DataFileError, check_local_dataset
 from salsa.errors import CheckpointError, ConfigError
 
@@ -149,10 +149,36 @@ def check_dataset_source(dataset: str, key: str = "data.path") -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The whole config
 # ---------------------------------------------------------------------------------------------------------------
+def check_strategy(cfg: DictConfig) -> None:
+    """Refuse, before anything runs, the distributed strategies that cannot run this pipeline (README, Scale-out)."""
+    strategy = str(cfg.trainer.get("strategy") or "")
+    sharded = "fsdp" in strategy or "deepspeed" in strategy
+    if sharded and cfg.model.get("name_or_path") and cfg.model.get("quant") == "nf4":
+        raise ConfigError(
+            "trainer.strategy", f"{strategy} cannot shard a 4-bit base: QLoRA runs use trainer=ddp (one base per GPU)"
+        )
+    stage = cfg.get("stage")
+    if stage not in STAGES or STAGES.index(stage) < STAGES.index("ppo"):
+        return
+    if "fsdp" in strategy:
+        raise ConfigError(
+            "trainer.strategy",
+            f"{strategy} cannot run PPO: Lightning's FSDP strategy runs training_step inside the root FSDP forward, "
+            "where PPO's manual backward fails; use trainer=ddp (or stage=sft / stage=rm under FSDP)",
+        )
+    if "stage_3" in strategy:
+        raise ConfigError(
+            "trainer.strategy",
+            f"{strategy} cannot run PPO: ZeRO-3 shards every parameter, and sampling would need them gathered; use "
+            "trainer=deepspeed (ZeRO-2) or trainer=ddp",
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value a run would trip over: each group's own checks (`salsa.config`), then
     the files the config names."""
     check_groups(cfg)
+    check_strategy(cfg)
     if cfg.ppo.get("compile") and cfg.model.get("name_or_path"):
         raise ConfigError(
             "ppo.compile",
