@@ -6,7 +6,6 @@ from hydra.core.global_hydra import GlobalHydra
 
 from salsa.infra.context import Context
 from salsa.infra.distributed import is_global_zero, rank_name
-from salsa.stages.base import run_base
 from tests.conftest import CONF, make_cfg
 
 
@@ -20,9 +19,11 @@ def test_trainer_strategies(tmp_path, trainer, strategy):
 
 
 def test_qlora_refuses_sharded_strategies(tmp_path):
+    from salsa.validate import check_strategy
+
     cfg = make_cfg(tmp_path, "model=gemma2b", "model.name_or_path=/nowhere", "trainer=fsdp", "logger=none")
     with pytest.raises(ValueError, match="cannot shard a 4-bit base"):
-        run_base(Context.from_cfg(cfg))
+        check_strategy(cfg)
 
 
 def test_slurm_launcher_composes():

@@ -29,9 +29,6 @@ def run_base(ctx: Context) -> Entry:
     cfg = ctx.cfg
     m = cfg.model
     if m.get("name_or_path"):
-        strategy = str(cfg.trainer.get("strategy", ""))
-        if m.get("quant") == "nf4" and ("fsdp" in strategy or "deepspeed" in strategy):
-            raise ValueError(f"trainer.strategy={strategy} cannot shard a 4-bit base: use trainer=ddp for QLoRA runs")
         # how the frozen base is loaded and adapted determines every later stage, so it is part of the key
         spec = {
             "name_or_path": m.name_or_path, "revision": m.get("revision"), "quant": m.get("quant"),
