@@ -82,6 +82,16 @@ def _batch(actors, n=3, t=10, prompt_len=4):
     return seq, mask, prompt_len
 
 
+def _one_step(actors, seq, mask, p) -> None:
+    """One SGD step (lr 1) on the trainable adapters and heads, through the policy's and the value's forward."""
+    opt = torch.optim.SGD(actors.trainable_parameters(), lr=1.0)
+    actors.train()
+    loss = actors.policy_logits(seq, mask, p).logsumexp(-1).mean() + actors.values(seq, mask, p).pow(2).mean()
+    loss.backward()
+    opt.step()
+    actors.eval()
+
+
 def test_quantization_config():
     q = quantization_config("nf4", torch.bfloat16)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
@@ -161,12 +171,7 @@ def test_training_moves_policy_only_and_saved_adapters_load_with_plain_peft(plan
     seq, mask, p = _batch(actors)
     with torch.no_grad():
         ref_before, score_before = actors.reference_logits(seq, mask, p), actors.scores(seq, mask)
-    opt = torch.optim.SGD(actors.trainable_parameters(), lr=1.0)
-    actors.train()
-    loss = actors.policy_logits(seq, mask, p).logsumexp(-1).mean() + actors.values(seq, mask, p).pow(2).mean()
-    loss.backward()
-    opt.step()
-    actors.eval()
+    _one_step(actors, seq, mask, p)
     with torch.no_grad():
         policy = actors.policy_logits(seq, mask, p)
         torch.testing.assert_close(actors.reference_logits(seq, mask, p), ref_before, rtol=0, atol=0)
@@ -348,12 +353,7 @@ def test_merged_start_equals_the_adapter_form(tmp_path, other):
     for got, want in zip(outputs(merged), outputs(plain), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for actors in (plain, merged):  # one identical step on each
-        opt = torch.optim.SGD(actors.trainable_parameters(), lr=1.0)
-        actors.train()
-        loss = actors.policy_logits(seq, mask, p).logsumexp(-1).mean() + actors.values(seq, mask, p).pow(2).mean()
-        loss.backward()
-        opt.step()
-        actors.eval()
+        _one_step(actors, seq, mask, p)
     after = outputs(merged)
     for got, want in zip(after, outputs(plain), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

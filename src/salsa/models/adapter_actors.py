@@ -92,23 +92,6 @@ def build_adapter_actors(
     with `merge_start` on a plain-weight base, the policy's start is folded into the base (module docstring)."""
     shared = SharedBase.load(settings, device)
     names: dict[str, str] = {}
-    if merges_start(settings, merge_start):
-        shared.load_adapter("start_negated", policy_init.path, negate=True)
-        shared.load_adapter("start", policy_init.path)
-        shared.merge_adapter("start")
-        shared.new_adapter("policy", settings.lora)
-        shared.load_adapter("reward", rm.path)
-        shared.load_adapter("value", rm.path, trainable=True)  # the value function starts as the reward model
-        log.info("[ppo] the policy's start %s is merged into the base: the policy generates through one adapter",
-                 policy_init.key)  # fmt: skip
-        if reference.key == policy_init.key:
-            ref = []  # the merged base is the reference
-        else:
-            ref = ["start_negated", f"{reference.stage}_{reference.key}"]
-            shared.load_adapter(ref[1], reference.path)
-        return AdapterActors(
-            shared, ["policy"], ref, "value", "reward", beneath=["start_negated"], merged=Path(policy_init.path)
-        )
 
     def frozen(entry) -> str:
         if entry.key not in names:
@@ -116,8 +99,22 @@ def build_adapter_actors(
             shared.load_adapter(names[entry.key], entry.path)
         return names[entry.key]
 
-    ref, init = frozen(reference), frozen(policy_init)
+    merged = merges_start(settings, merge_start)
+    if merged:
+        shared.load_adapter("start_negated", policy_init.path, negate=True)
+        shared.load_adapter("start", policy_init.path)
+        shared.merge_adapter("start")
+        log.info("[ppo] the policy's start %s is merged into the base: the policy generates through one adapter",
+                 policy_init.key)  # fmt: skip
+        beneath, policy = ["start_negated"], ["policy"]
+        # the merged base is the reference when it is the start; any other reference sits on the start undone
+        ref = [] if reference.key == policy_init.key else [*beneath, frozen(reference)]
+    else:
+        beneath, ref = [], [frozen(reference)]
+        policy = [frozen(policy_init), "policy"]
     shared.new_adapter("policy", settings.lora)
     shared.load_adapter("reward", rm.path)
     shared.load_adapter("value", rm.path, trainable=True)  # the value function starts as the reward model
-    return AdapterActors(shared, policy=[init, "policy"], reference=[ref], value="value", reward="reward")
+    return AdapterActors(
+        shared, policy, ref, "value", "reward", beneath=beneath, merged=Path(policy_init.path) if merged else None
+    )
