@@ -33,10 +33,9 @@ from salsa.functional import (
     ppo_policy_loss,
     ppo_value_loss,
     shaped_rewards,
-    token_logprobs,
 )
 from salsa.infra.guards import check_finite
-from salsa.models.actors import FullActors, row_chunks
+from salsa.models.actors import FullActors, scored_logprobs
 from salsa.models.generation import Samples, decode, encode_prompts, sample
 
 
@@ -88,15 +87,10 @@ class PPOModule(pl.LightningModule):
         s: Samples = self.generate(query, query_mask)
         seq, attn, mask, P = s.sequences, s.attention_mask, s.response_mask, query.size(1)
 
-        # the reference's and the value's passes a few rows at a time: full-vocabulary logits of the whole rollout
-        # would be the largest tensor of the run at big vocabularies
+        # a few rows at a time: full-vocabulary logits of the whole rollout would be the run's largest tensor
         vocab = self.actors.generator.config.vocab_size
-        ref_logp, values = [], []
-        for rows in row_chunks(seq.size(0), s.response.size(1), vocab):
-            logits = self.actors.reference_logits(seq[rows], attn[rows], P)
-            ref_logp.append(token_logprobs(logits, s.response[rows], c.temperature))
-            values.append(self.actors.values(seq[rows], attn[rows], P))
-        ref_logp, values = torch.cat(ref_logp) * mask, torch.cat(values) * mask
+        ref_logp = scored_logprobs(self.actors.reference_logits, seq, attn, s.response, c.temperature, vocab) * mask
+        values = self.actors.values(seq, attn, P) * mask
         score = self.actors.scores(seq, attn)
         check_finite(
             {"policy logprobs": s.logprobs, "reference logprobs": ref_logp, "values": values, "rm score": score},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from salsa.functional import token_logprobs
 from salsa.models.hf import position_ids_from_mask, scalar_head_outputs, sequence_scores
 
 
@@ -36,6 +37,20 @@ def row_chunks(rows: int, positions: int, vocab: int, budget: int = SCORING_BUDG
     8 bytes × positions × vocabulary with their log-softmax (2 GiB for 8 × 256 tokens at Gemma's 256k vocabulary)."""
     size = max(1, min(rows, budget // max(1, positions * vocab * 8)))
     return [slice(i, i + size) for i in range(0, rows, size)]
+
+
+def scored_logprobs(
+    logits_of, sequences: torch.Tensor, attention_mask: torch.Tensor, response: torch.Tensor, temperature: float,
+    vocab: int,
+) -> torch.Tensor:  # fmt: skip
+    """(B, R) log-probabilities of the sampled `response` tokens under `logits_of(sequences, attention_mask,
+    prompt_len)` (a reference's `response_logits`), scored a few rows at a time (`row_chunks`), so full-vocabulary
+    logits never cover the whole batch."""
+    prompt_len = sequences.size(1) - response.size(1)
+    return torch.cat([
+        token_logprobs(logits_of(sequences[r], attention_mask[r], prompt_len), response[r], temperature)
+        for r in row_chunks(sequences.size(0), response.size(1), vocab)
+    ])  # fmt: skip
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -8,6 +8,7 @@ win rate (wins + ½ ties) / comparisons. `kl_to_ref` is the mean over the policy
 from __future__ import annotations
 
 import csv
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from salsa.data.task import judge_answers
 from salsa.data.tokens import pad_right, prompt_ids, report_long_prompts, response_ids
-from salsa.functional import adjusted_win_rate, token_logprobs
+from salsa.functional import adjusted_win_rate
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.progress import track
@@ -33,7 +34,7 @@ def answer(
 ) -> dict:
     """Sample answers in batches; return texts, ended flags, RM scores, (with a reference) sequence KLs and (with a
     judge reward model on the same tokenizer) the judge's scores."""
-    from salsa.models.actors import response_logits, row_chunks
+    from salsa.models.actors import response_logits, scored_logprobs
 
     torch.manual_seed(e.seed)  # every model sees the same sampling noise
     texts, ended, scores, kls, judged = [], [], [], [], []
@@ -48,11 +49,11 @@ def answer(
             judged += sequence_scores(judge_model, s.sequences, s.attention_mask).tolist()
         if reference is not None:
             temp = e.temperature if e.do_sample else 1.0
-            seq, attn = s.sequences, s.attention_mask
-            for rows in row_chunks(seq.size(0), s.response.size(1), reference.config.vocab_size):
-                logits = response_logits(reference, seq[rows], attn[rows], query.size(1))
-                ref_logp = token_logprobs(logits, s.response[rows], temp)
-                kls += ((s.logprobs[rows] - ref_logp) * s.response_mask[rows]).sum(1).tolist()
+            logits_of = partial(response_logits, reference)
+            ref_logp = scored_logprobs(
+                logits_of, s.sequences, s.attention_mask, s.response, temp, reference.config.vocab_size
+            )
+            kls += ((s.logprobs - ref_logp) * s.response_mask).sum(1).tolist()
     out = {"texts": texts, "ended": ended, "rm": scores, "kl": kls}
     return {**out, "judge": judged} if judge_model is not None else out
 
