@@ -209,3 +209,89 @@ def test_adjusted_win_rate():
     assert adjusted_win_rate(a, a + 0.01, tie_tolerance=0.1) == 0.5
     with pytest.raises(ValueError):
         adjusted_win_rate(a, b[:2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GRPO, RLOO and DPO — each against a case computed by hand
+# ---------------------------------------------------------------------------------------------------------------
+def test_group_advantages_by_hand():
+    from salsa.functional import group_advantages
+
+    # group 1: scores 1, 3 → mean 2, unbiased std √2; group 2: 5, 5, flat → zeros
+    scores = torch.tensor([1.0, 3.0, 5.0, 5.0])
+    s = math.sqrt(2.0)
+    torch.testing.assert_close(group_advantages(scores[:2], 2, eps=0.0), torch.tensor([-1 / s, 1 / s]))
+    torch.testing.assert_close(group_advantages(scores, 2), torch.tensor([-1 / (s + 1e-4), 1 / (s + 1e-4), 0.0, 0.0]))
+    torch.testing.assert_close(group_advantages(scores, 2, scale=False), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    # a group of three: 0, 3, 6 → mean 3, std 3 → −1, 0, 1
+    torch.testing.assert_close(group_advantages(torch.tensor([0.0, 3.0, 6.0]), 3, eps=0.0), torch.tensor([-1.0, 0, 1]))
+    with pytest.raises(ValueError, match="groups"):
+        group_advantages(torch.tensor([1.0, 2.0, 3.0]), 2)
+
+
+def test_leave_one_out_advantages_by_hand():
+    from salsa.functional import leave_one_out_advantages
+
+    # rewards 1, 2, 6: baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5
+    adv = leave_one_out_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 0.0]), 3)
+    torch.testing.assert_close(adv, torch.tensor([-3.0, -1.5, 4.5, 0.0, 0.0, 0.0]))
+    # = k/(k−1) · (r − mean): the closed form
+    r = torch.tensor([0.3, -1.2, 2.5, 0.7])
+    torch.testing.assert_close(leave_one_out_advantages(r, 4), 4 / 3 * (r - r.mean()))
+
+
+def test_clipped_surrogate_and_grpo_loss_by_hand():
+    from salsa.functional import aggregate_tokens, clipped_surrogate, grpo_loss
+
+    # row 0 (A = +1): ratios e^0.5 ≈ 1.6487 (clipped to 1.2 → loss −1.2) and 1 (loss −1)
+    # row 1 (A = −2): ratio e^−0.5 ≈ 0.6065 (clipped to 0.8 → loss max(1.2131, 1.6) = 1.6) and padding
+    logp = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
+    old = torch.zeros(2, 2)
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    per_token, clipped = clipped_surrogate(logp, old, adv, clip=0.2)
+    torch.testing.assert_close(per_token[0], torch.tensor([-1.2, -1.0]))
+    torch.testing.assert_close(per_token[1, 0], torch.tensor(1.6))
+    assert clipped.tolist() == [[True, False], [True, False]]
+    # token mean: (−1.2 − 1 + 1.6) / 3 = −0.2; sequence mean: ((−1.2 − 1)/2 + 1.6) / 2 = 0.25
+    torch.testing.assert_close(aggregate_tokens(per_token, mask, "token"), torch.tensor(-0.2))
+    torch.testing.assert_close(aggregate_tokens(per_token, mask, "sequence"), torch.tensor(0.25))
+
+    # with the reference: k3 at a token with log π − log π_ref = d is e^−d − 1 + d
+    ref = torch.tensor([[0.5, -1.0], [-0.5, 0.0]])  # d = 0, 1, 0
+    loss, stats = grpo_loss(logp, old, ref, adv, mask, clip=0.2, kl_coef=0.1, aggregation="token")
+    k3 = math.exp(-1.0) - 1.0 + 1.0
+    torch.testing.assert_close(loss, torch.tensor((-1.2 - 1.0 + 1.6 + 0.1 * k3) / 3))
+    torch.testing.assert_close(stats["kl_k3"], torch.tensor(k3 / 3))
+    torch.testing.assert_close(stats["clip_frac"], torch.tensor(2 / 3))
+
+
+def test_sequence_logprobs_by_hand():
+    from salsa.functional import sequence_logprobs
+
+    # two equal logits at every position: each labelled token has probability ½
+    logits = torch.zeros(2, 3, 2)
+    labels = torch.tensor([[-100, 1, 0], [1, -100, -100]])
+    torch.testing.assert_close(sequence_logprobs(logits, labels), torch.tensor([2 * math.log(0.5), math.log(0.5)]))
+
+
+def test_dpo_and_ipo_losses_by_hand():
+    from salsa.functional import dpo_loss
+
+    # policy = reference: h = 0, so DPO's loss is log 2 for every pair, whatever the log-probabilities
+    pc, pr = torch.tensor([-3.0, -10.0]), torch.tensor([-4.0, -2.0])
+    losses, stats = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1)
+    torch.testing.assert_close(losses, torch.full((2,), math.log(2.0)))
+    assert stats["reward_accuracy"] == 0.0 and stats["reward_margin"] == 0.0
+    # h = (−1 − (−2)) − (−5 − (−4)) = 1 + 1 = 2; β = 0.5: −log σ(1) = log(1 + e^−1)
+    one = (torch.tensor([-1.0]), torch.tensor([-5.0]), torch.tensor([-2.0]), torch.tensor([-4.0]))
+    losses, stats = dpo_loss(*one, beta=0.5)
+    torch.testing.assert_close(losses, torch.tensor([math.log(1 + math.exp(-1.0))]))
+    torch.testing.assert_close(stats["reward_chosen"], torch.tensor(0.5))
+    torch.testing.assert_close(stats["reward_rejected"], torch.tensor(-0.5))
+    assert stats["reward_accuracy"] == 1.0
+    # IPO: (h − 1/(2β))² = (2 − 1)² = 1
+    losses, _ = dpo_loss(*one, beta=0.5, loss_type="ipo")
+    torch.testing.assert_close(losses, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(*one, beta=0.5, loss_type="hinge")

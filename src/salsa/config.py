@@ -22,6 +22,8 @@ from salsa.errors import ConfigError
 STAGES = ("base", "sft", "soup", "rm", "ppo", "eval")
 SOUP_METHODS = ("uniform", "weighted", "greedy")
 KL_ESTIMATORS = ("k1", "k3")
+LOSS_AGGREGATIONS = ("token", "sequence")  # grpo.loss_aggregation (salsa.functional.aggregate_tokens)
+DPO_LOSSES = ("sigmoid", "ipo")  # dpo.loss_type (salsa.functional.dpo_loss)
 QUANT = ("nf4", "none")  # model.quant of hub/local checkpoints (salsa.models.qlora)
 BENCHMARKS = ("mt_bench", "arena_hard")  # eval.export (salsa.data.benchmarks)
 JUDGES = ("auto", "gold", "heldout_rm", "rm")  # eval.judge, besides a path (salsa.stages.evaluate)
@@ -327,6 +329,99 @@ class PPOConfig(Group):
 
 
 @dataclass
+class GroupConfig(Group):
+    """What GRPO and RLOO share: k answers sampled per prompt, and a clipped policy-gradient update without a value
+    model. The update's settings are PPO's, so the three algorithms do the same optimisation work per sample."""
+
+    iterations: int = 30  # rollout + update rounds, one Lightning epoch each
+    batch_size: int = 16  # prompts per rollout, per process (× group_size answers: 64 samples, as PPO's 64 prompts)
+    group_size: int = 4  # k answers sampled per prompt
+    num_minibatches: int = 2  # minibatches per epoch over the batch_size × group_size answers; must divide them
+    epochs: int = 2  # passes over each rollout
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping
+    response_length: int = 40  # max new tokens per answer
+    max_prompt_length: int = 32  # longer prompts keep their last tokens
+    temperature: float = 1.0  # sampling temperature; the policy optimised is π at this temperature
+    kl_coef: float = 0.05  # β of the KL to the reference
+    clip: float = 0.2  # policy ratio clip ε
+    missing_eos_penalty: float | None = None  # subtracted from the score of answers that never end
+    seed: int = 0  # prompt order, sampling and minibatch order
+    ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
+    merge_start: bool = True  # model.quant=none: fold the policy's start into the base's weights (fewer adapters)
+
+    POSITIVE_INT = (
+        "iterations", "batch_size", "num_minibatches", "epochs", "response_length", "max_prompt_length", "ckpt_every",
+    )  # fmt: skip
+    NON_NEGATIVE = ("kl_coef", "weight_decay")
+    POSITIVE = ("lr", "temperature", "clip", "max_grad_norm")
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        positive_int(f"{prefix}.group_size", self.group_size, least=2)  # a baseline needs the other answers
+        samples = self.batch_size * self.group_size
+        if samples % self.num_minibatches:
+            raise ConfigError(
+                f"{prefix}.num_minibatches",
+                f"must divide the {samples} answers of a rollout ({prefix}.batch_size × {prefix}.group_size), "
+                f"got {self.num_minibatches}",
+            )
+        if self.missing_eos_penalty is not None:
+            non_negative(f"{prefix}.missing_eos_penalty", self.missing_eos_penalty)
+
+
+@dataclass
+class GRPOConfig(GroupConfig):
+    """`grpo=`: GRPO against the reference (`salsa.algorithms.grpo`): group-normalised advantages, KL (k3) in the
+    loss."""
+
+    scale_rewards: bool = True  # divide by the group's standard deviation (false: Dr. GRPO's plain difference)
+    loss_aggregation: str = "token"  # token = mean over all answer tokens of the batch; sequence = per answer first
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        one_of(f"{prefix}.loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
+
+
+@dataclass
+class RLOOConfig(GroupConfig):
+    """`rloo=`: RLOO against the reference (`salsa.algorithms.rloo`): leave-one-out baseline, KL (k1, summed over
+    the answer) in the reward."""
+
+    normalize_advantages: bool = False  # whiten the advantages over the batch
+
+
+@dataclass
+class DPOConfig(Group):
+    """`dpo=`: DPO (or IPO) on the preference pairs against the reference (`salsa.algorithms.dpo`)."""
+
+    beta: float = 0.1  # β: strength of the implicit KL to the reference
+    loss_type: str = "sigmoid"  # sigmoid = DPO; ipo = IPO's squared loss
+    epochs: int = 1  # passes over the training pairs
+    batch_size: int = 32  # pairs per step, per process (chosen and rejected go through one forward pass)
+    lr: float = 1e-4  # AdamW learning rate, warmed up then cosine-decayed
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_prompt_length: int = 32  # longer prompts keep their last tokens
+    max_response_length: int = 48
+    reference_batch_size: int = 64  # pairs scored together when the reference's log-probabilities are computed
+    seed: int = 0  # pair order
+    ckpt_every: int = 25  # optimizer steps per checkpoint
+
+    POSITIVE_INT = (
+        "epochs", "batch_size", "max_prompt_length", "max_response_length", "reference_batch_size", "ckpt_every",
+    )  # fmt: skip
+    POSITIVE = ("beta", "lr", "max_grad_norm")
+    NON_NEGATIVE = ("weight_decay", "warmup_steps")
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        one_of(f"{prefix}.loss_type", self.loss_type, DPO_LOSSES)
+
+
+@dataclass
 class AnswersConfig(Group):
     """The export's settings (`salsa.stages.export`)."""
 
@@ -465,6 +560,9 @@ class TrainConfig(Group):
     rm: RMConfig = field(default_factory=RMConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: dict[str, Any] = field(default_factory=dict)  # pytorch_lightning.Trainer's arguments
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -473,7 +571,7 @@ class TrainConfig(Group):
 
 
 # groups whose `check` takes only its key; the soup's also needs the reference's size (see `check_groups`)
-CHECKED_GROUPS = ("model", "data", "sft", "ref", "rm", "algo", "ppo", "eval")
+CHECKED_GROUPS = ("model", "data", "sft", "ref", "rm", "algo", "ppo", "dpo", "grpo", "rloo", "eval")
 
 
 def typed(node: Any, cls: type) -> Any:

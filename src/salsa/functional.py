@@ -1,8 +1,10 @@
-"""The math of SFT, reward modelling and PPO as small pure functions: tensors in, tensors out.
+"""The math of SFT, reward modelling, PPO, GRPO, RLOO and DPO as small pure functions: tensors in, tensors out.
 
-Conventions: `mask` is 1.0 on real response tokens and 0.0 on padding; per-token tensors are (batch, time).
+Conventions: `mask` is 1.0 on real response tokens and 0.0 on padding; per-token tensors are (batch, time); the k
+samples of one prompt are consecutive rows (a group).
 References: Ziegler et al. 2019 and Ouyang et al. 2022 (KL-shaped PPO-RLHF), Schulman et al. 2016 (GAE),
-Schulman 2020 "Approximating KL divergence" (k1/k3 estimators), Huang et al. 2024 (N+ implementation details).
+Schulman 2020 "Approximating KL divergence" (k1/k3 estimators), Huang et al. 2024 (N+ implementation details),
+Shao et al. 2024 (GRPO), Ahmadian et al. 2024 (RLOO), Rafailov et al. 2023 (DPO), Azar et al. 2023 (IPO).
 """
 
 from __future__ import annotations
@@ -160,15 +162,12 @@ def ppo_policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate: mean over tokens of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)), ρ = π/π_old."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip)
+    loss = masked_mean(surrogate, mask)
     with torch.no_grad():
         stats = {
-            "clip_frac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+            "clip_frac": masked_mean(clipped.float(), mask),
+            "approx_kl": masked_mean(0.5 * (logp - old_logp) ** 2, mask),
         }
     return loss, stats
 
@@ -184,6 +183,117 @@ def ppo_value_loss(
     with torch.no_grad():
         stats = {"value_clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Critic-free policy gradients: GRPO and RLOO (k samples per prompt, consecutive rows)
+# ---------------------------------------------------------------------------------------------------------------
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 2 or scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"need 1-d scores in groups of ≥ 2, got shape {tuple(scores.shape)}, groups of {group_size}")
+    return scores.view(-1, group_size)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage of each sample: its score minus its group's mean, divided by the group's standard deviation
+    (unbiased; `scale=False` keeps the plain difference, as Dr. GRPO does). A group of equal scores gets zeros."""
+    g = _groups(scores, group_size)
+    centred = g - g.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (g.std(1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage: each sample's reward minus the mean reward of the other k − 1 samples of its prompt,
+    r_i − (Σ_j r_j − r_i)/(k − 1) — an unbiased baseline, as it never uses the sample's own reward."""
+    g = _groups(rewards, group_size)
+    baseline = (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped objective, as a loss: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old; and where it clipped.
+    `advantages` is per token (B, T) or per sequence (B,), then shared by the sequence's tokens."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped)
+
+
+def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token") -> torch.Tensor:
+    """A per-token loss reduced to one number: "token" = mean over every response token of the batch (long answers
+    weigh more, as in DAPO); "sequence" = mean over each answer's tokens, then over answers (the GRPO paper's)."""
+    if aggregation == "token":
+        return masked_mean(per_token, mask)
+    if aggregation == "sequence":
+        return masked_mean(per_token, mask, dim=1).mean()
+    raise ValueError(f"loss aggregation must be 'token' or 'sequence', got {aggregation!r}")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    kl_coef: float,
+    aggregation: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's loss: the clipped surrogate with per-sequence advantages, plus kl_coef · k3(π, π_ref) at every token
+    (the KL is in the loss, not in the reward), reduced by `aggregate_tokens`."""
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip)
+    kl = kl_k3(logp, ref_logp)
+    loss = aggregate_tokens(surrogate + kl_coef * kl, mask, aggregation)
+    with torch.no_grad():
+        stats = {"clip_frac": masked_mean(clipped.float(), mask), "kl_k3": masked_mean(kl, mask)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DPO and IPO on preference pairs
+# ---------------------------------------------------------------------------------------------------------------
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore: int = -100) -> torch.Tensor:
+    """Σ_t log p(labels[t]) per row over the labelled tokens, from logits aligned with `labels` (logits[:, t]
+    predicts labels[:, t], as in `token_logprobs`); positions labelled `ignore` count nothing."""
+    keep = labels != ignore
+    return (token_logprobs(logits, labels.masked_fill(~keep, 0)) * keep).sum(1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair preference loss from sequence log-probabilities. With h = (log π(c) − log π_ref(c)) −
+    (log π(r) − log π_ref(r)): DPO ("sigmoid") = −log σ(β·h), which is log 2 wherever π = π_ref; IPO ("ipo") =
+    (h − 1/(2β))². Stats: the implicit rewards β·(log π − log π_ref) of chosen and rejected, and how often the chosen
+    one's is higher."""
+    chosen = policy_chosen - ref_chosen
+    rejected = policy_rejected - ref_rejected
+    h = chosen - rejected
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo.loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    with torch.no_grad():
+        stats = {
+            "reward_chosen": (beta * chosen).mean(),
+            "reward_rejected": (beta * rejected).mean(),
+            "reward_margin": (beta * h).mean(),
+            "reward_accuracy": (h > 0).float().mean(),
+        }
+    return losses, stats
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> dict[str, Any]:
     last = STAGES.index(cfg.stage)
     started = time.time()
     results: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
-    results.update(ref=cfg.ref.name, stage=cfg.stage)
+    results.update(algo=cfg.algo.name, ref=cfg.ref.name, stage=cfg.stage)
 
     base = run_base(ctx)
     if last >= STAGES.index("sft"):

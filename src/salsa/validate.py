@@ -160,17 +160,21 @@ def check_strategy(cfg: DictConfig) -> None:
     stage = cfg.get("stage")
     if stage not in STAGES or STAGES.index(stage) < STAGES.index("ppo"):
         return
+    algo = str(cfg.algo.name)
+    if algo == "dpo":  # automatic optimisation and no sampling: neither refusal below applies
+        return
+    name = algo.upper()
     if "fsdp" in strategy:
         raise ConfigError(
             "trainer.strategy",
-            f"{strategy} cannot run PPO: Lightning's FSDP strategy runs training_step inside the root FSDP forward, "
-            "where PPO's manual backward fails; use trainer=ddp (or stage=sft / stage=rm under FSDP)",
+            f"{strategy} cannot run {name}: Lightning's FSDP strategy runs training_step inside the root FSDP forward,"
+            f" where {name}'s manual backward fails; use trainer=ddp (or stage=sft / stage=rm under FSDP)",
         )
     if "stage_3" in strategy:
         raise ConfigError(
             "trainer.strategy",
-            f"{strategy} cannot run PPO: ZeRO-3 shards every parameter, and sampling would need them gathered; use "
-            "trainer=deepspeed (ZeRO-2) or trainer=ddp",
+            f"{strategy} cannot run {name}: ZeRO-3 shards every parameter, and sampling would need them gathered; "
+            "use trainer=deepspeed (ZeRO-2) or trainer=ddp",
         )
 
 

@@ -26,4 +26,9 @@ class Algorithm:
         return getattr(importlib.import_module(module), function)(ctx, init, reference, reward_model, label)
 
 
-ALGORITHMS = {"ppo": Algorithm("ppo", "salsa.stages.ppo:run_ppo")}
+ALGORITHMS = {
+    "ppo": Algorithm("ppo", "salsa.stages.ppo:run_ppo"),
+    "dpo": Algorithm("dpo", "salsa.stages.dpo:run_dpo", needs_reward_model=False),
+    "grpo": Algorithm("grpo", "salsa.stages.group:run_grpo"),
+    "rloo": Algorithm("rloo", "salsa.stages.group:run_rloo"),
+}

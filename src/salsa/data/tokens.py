@@ -99,6 +99,15 @@ def response_ids(tokenizer, response: str, ended: bool = True) -> list[int]:
     return ids + ([tokenizer.eos_token_id] if ended else [])
 
 
+def pair_ids(tokenizer, pair, max_prompt: int, max_response: int) -> tuple[list[int], list[int], list[int]]:
+    """A preference pair's (prompt, chosen, rejected) token ids, each response cut to `max_response` tokens."""
+    return (
+        prompt_ids(tokenizer, pair.prompt, max_prompt),
+        response_ids(tokenizer, pair.chosen, pair.chosen_ended)[:max_response],
+        response_ids(tokenizer, pair.rejected, pair.rejected_ended)[:max_response],
+    )
+
+
 def pad_right(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)

@@ -25,7 +25,7 @@ VIEW_TAG = "mlflow.sharedViewState."
 RESULTS_VIEW = "salsa-results"
 # what a person comparing runs looks at first: the judged results, then what distinguishes the runs
 KEY_METRICS = ("win_rate_vs_sft", "win_rate_vs_ppo", "gold_reward", "rm_reward", "kl_to_ref")
-KEY_PARAMS = ("ref.name", "ppo.kl_coef")
+KEY_PARAMS = ("algo.name", "ref.name", "ppo.kl_coef")
 # overrides that say where or how a run ran, not what it is: left out of run names
 NAME_EXCLUDES = ("paths.", "extras.", "logger", "hydra", "trainer", "debug", "stage", "task_name")
 

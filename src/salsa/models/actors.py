@@ -1,7 +1,8 @@
-"""The four models of PPO-RLHF behind one interface: policy and value (trained), reference and reward (frozen).
+"""The models of RLHF behind one interface: policy and value (trained), reference and reward (frozen).
 
-`FullActors` holds four separate full-weight models (the tiny default). The QLoRA layout, where all four share one
-frozen base through adapters, implements the same methods, so the PPO module never knows which it has.
+`FullActors` holds separate full-weight models (the tiny default). The QLoRA layout, where all share one frozen base
+through adapters, implements the same methods, so an algorithm's module never knows which it has. PPO uses all four;
+GRPO and RLOO have no value model; DPO has neither value nor reward model.
 """
 
 from __future__ import annotations
@@ -60,15 +61,22 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class FullActors(nn.Module):
-    def __init__(self, policy: nn.Module, value: nn.Module, reference: nn.Module, reward: nn.Module):
+    def __init__(
+        self, policy: nn.Module, value: nn.Module | None, reference: nn.Module, reward: nn.Module | None = None
+    ):
         super().__init__()
         self.policy, self.value = policy, value
-        self.reference, self.reward = freeze(reference), freeze(reward)
+        self.reference = freeze(reference)
+        self.reward = freeze(reward) if reward is not None else None
+
+    def models(self) -> list[nn.Module]:
+        return [m for m in (self.policy, self.value, self.reference, self.reward) if m is not None]
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.reference.eval()  # frozen models never enter train mode
-        self.reward.eval()
+        for frozen in (self.reference, self.reward):  # frozen models never enter train mode
+            if frozen is not None:
+                frozen.eval()
         return self
 
     @property
@@ -89,14 +97,14 @@ class FullActors(nn.Module):
         return sequence_scores(self.reward, sequences, attention_mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
+        return [p for m in (self.policy, self.value) if m is not None for p in m.parameters() if p.requires_grad]
 
     def compile(self) -> None:
         """`torch.compile` each model's decoder in place (state-dict keys unchanged), with dynamic shapes: every
         rollout's prompt width differs, and scoring and the update run different batch sizes. The LM head and the
         scalar heads stay eager, and so does sampling (`salsa.models.generation.sample`): its growing KV cache would
         recompile at every step."""
-        for model in (self.policy, self.value, self.reference, self.reward):
+        for model in self.models():
             getattr(model, model.base_model_prefix).compile(dynamic=True)
 
     def save_policy(self, path) -> None:

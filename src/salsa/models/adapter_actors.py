@@ -35,21 +35,22 @@ class AdapterActors(FullActors):
         shared: SharedBase,
         policy: Sequence[str],
         reference: Sequence[str],
-        value: str,
-        reward: str,
+        value: str | None,
+        reward: str | None,
         beneath: Sequence[str] = (),
         merged: Path | None = None,
     ):
-        """`beneath`: adapters under the value's and the reward's own (the merged start, negated); `merged`: the
+        """`value`, `reward`: adapter names with scalar heads, or None where the algorithm has no such model;
+        `beneath`: adapters under the value's and the reward's own (the merged start, negated); `merged`: the
         adapter directory folded into the base, which the saved policy includes."""
         nn.Module.__init__(self)  # not FullActors': freezing the reference would freeze the shared base's adapters
-        if value not in shared.heads or reward not in shared.heads:
+        if any(name is not None and name not in shared.heads for name in (value, reward)):
             raise AdapterError("value and reward adapters need scalar heads (load them from a reward model)")
         self.shared = shared
         self.policy = shared.causal(policy)
         self.reference = shared.causal(reference)
-        self.value = shared.scalar([*beneath, value], value)
-        self.reward = shared.scalar([*beneath, reward], reward)
+        self.value = shared.scalar([*beneath, value], value) if value is not None else None
+        self.reward = shared.scalar([*beneath, reward], reward) if reward is not None else None
         self.merged = merged
         checkpoint_trainable_only(self)
 
@@ -86,10 +87,12 @@ def merges_start(settings: BaseSettings, merge_start: bool) -> bool:
 
 
 def build_adapter_actors(
-    settings: BaseSettings, policy_init, reference, rm, device, merge_start: bool = False
+    settings: BaseSettings, policy_init, reference, rm, device, merge_start: bool = False, value: bool = True
 ) -> AdapterActors:
     """Policy, value, reference and reward on one base from cache entries (SFT/soup adapters and a reward adapter);
-    with `merge_start` on a plain-weight base, the policy's start is folded into the base (module docstring)."""
+    with `merge_start` on a plain-weight base, the policy's start is folded into the base (module docstring).
+    Without a value model (`value=False`: GRPO, RLOO) or a reward model (`rm=None`: DPO) those adapters are not
+    loaded."""
     shared = SharedBase.load(settings, device)
     names: dict[str, str] = {}
 
@@ -113,8 +116,11 @@ def build_adapter_actors(
         beneath, ref = [], [frozen(reference)]
         policy = [frozen(policy_init), "policy"]
     shared.new_adapter("policy", settings.lora)
-    shared.load_adapter("reward", rm.path)
-    shared.load_adapter("value", rm.path, trainable=True)  # the value function starts as the reward model
+    if rm is not None:
+        shared.load_adapter("reward", rm.path)
+    if value:
+        shared.load_adapter("value", rm.path, trainable=True)  # the value function starts as the reward model
     return AdapterActors(
-        shared, policy, ref, "value", "reward", beneath=beneath, merged=Path(policy_init.path) if merged else None
-    )
+        shared, policy, ref, "value" if value else None, "reward" if rm is not None else None, beneath=beneath,
+        merged=Path(policy_init.path) if merged else None,
+    )  # fmt: skip

@@ -35,11 +35,12 @@ class SeededModule(pl.LightningModule):
         total_steps: int = 1,
         min_lr_ratio: float = 0.1,
         seed: int = 0,
+        ignore: tuple[str, ...] = (),  # a subclass's own arguments that are not hyperparameters (models, tensors)
         **extra,  # a subclass's own hyperparameters, saved with these
     ):
         super().__init__()
         self.model = model
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "ignore", *ignore])
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))

@@ -1,5 +1,6 @@
-"""The PPO stage: builds the four models from cached stages, trains `salsa.algorithms.ppo.PPOModule` resumably,
-and publishes the policy with its per-iteration history."""
+"""The online policy-optimisation stages (PPO here; GRPO and RLOO in `salsa.stages.group` through `run_online`):
+build the models from cached stages, train the algorithm's module resumably, and publish the policy with its
+per-iteration history."""
 
 from __future__ import annotations
 
@@ -42,13 +43,15 @@ def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: [(int(r["iteration"]), float(r[k])) for r in rows if r[k] != ""] for k in rows[0] if k != "iteration"}
 
 
-def build_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullActors:
+def build_actors(policy_init: Entry, reference: Entry, rm: Entry | None, value: bool = True) -> FullActors:
+    """Full-weight models from cache entries: the policy, the reference, the reward model (`rm`; None for DPO) and,
+    with `value`, the value model (PPO's: it starts as the reward model)."""
     # no dropout: it would make the update's log-probs differ from the rollout's (SFT checkpoints carry 0.1)
     policy = load_causal_lm(policy_init.path, attention_dropout=0.0)
     ref = load_causal_lm(reference.path, attention_dropout=0.0)
-    value = load_reward_model(rm.path, attention_dropout=0.0)  # the value function starts as the reward model
-    reward = load_reward_model(rm.path, attention_dropout=0.0)
-    return FullActors(policy, value, ref, reward)
+    value_model = load_reward_model(rm.path, attention_dropout=0.0) if value else None
+    reward = load_reward_model(rm.path, attention_dropout=0.0) if rm is not None else None
+    return FullActors(policy, value_model, ref, reward)
 
 
 def compile_cache(path: Path) -> None:
@@ -63,51 +66,58 @@ def compile_cache(path: Path) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
 
-def stage_spec(cfg, policy_init: Entry, reference: Entry, rm: Entry) -> tuple[dict, bool]:
-    """The PPO stage's cache key material, and whether the policy's start is merged into the base.
+def stage_spec(cfg, policy_init: Entry, reference: Entry, rm: Entry | None, group: str = "ppo") -> tuple[dict, bool]:
+    """An algorithm's cache key material (its settings are `cfg[group]`), and whether the policy's start is merged
+    into the base.
 
-    `ppo.merge_start` enters the key only where it applies (adapters on a plain-weight base), and `ppo.compile` only
-    when on (compiled kernels round differently): elsewhere they change nothing, and the keys of runs that use
-    neither stay what they were before the options existed."""
-    ppo = plain(cfg.ppo)
-    merge_start, compiled = ppo.pop("merge_start"), ppo.pop("compile")
+    `merge_start` enters the key only where it applies (adapters on a plain-weight base), and `compile` only when on
+    (compiled kernels round differently): elsewhere they change nothing, and the keys of runs that use neither stay
+    what they were before the options existed."""
+    settings = plain(cfg[group])
+    merge_start, compiled = settings.pop("merge_start", False), settings.pop("compile", False)
     merged = uses_adapters(cfg.model) and merges_start(BaseSettings.from_cfg(cfg.model), merge_start)
     spec = {
-        "policy_init": policy_init.key, "reference": reference.key, "rm": rm.key, "ppo": ppo, "data": plain(cfg.data),
+        "policy_init": policy_init.key, "reference": reference.key, **({"rm": rm.key} if rm is not None else {}),
+        group: settings, "data": plain(cfg.data),
         **({"merged_start": True} if merged else {}), **({"compiled": True} if compiled else {}),
     }  # fmt: skip
     return spec, merged
 
 
-def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str) -> Entry:
-    """The policy trained by PPO from `policy_init` against `reference` and the reward model `rm`. `ref_name` labels
-    it in this run's logs and plots; it is not part of the cache key (the same training under another name is the
-    same stage)."""
+def online_actors(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry | None, merged: bool, value: bool):
+    """The algorithm's models: full weights, or adapters on one shared base (QLoRA)."""
+    if uses_adapters(ctx.cfg.model):
+        settings = BaseSettings.from_cfg(ctx.cfg.model)
+        return build_adapter_actors(settings, policy_init, reference, rm, ctx.device, merge_start=merged, value=value)
+    return build_actors(policy_init, reference, rm, value=value)
+
+
+def run_online(
+    ctx: Context, group: str, make_module, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str,
+    value: bool = True,
+) -> Entry:  # fmt: skip
+    """The policy trained by an online algorithm — `make_module(actors, tokenizer, config)`, settings in the config
+    group `group`, which also names its stage — from `policy_init` against `reference` and the reward model `rm`.
+    `ref_name` labels it in this run's logs and plots; it is not part of the cache key (the same training under
+    another name is the same stage)."""
     cfg = ctx.cfg
-    adapters = uses_adapters(cfg.model)
-    spec, merged = stage_spec(cfg, policy_init, reference, rm)
+    spec, merged = stage_spec(cfg, policy_init, reference, rm, group)
 
     def build(work: Path, run_id: str | None) -> dict:
-        config = PPOConfig.from_cfg(cfg.ppo)
-        pl.seed_everything(config.seed, workers=True, verbose=False)
+        pl.seed_everything(int(cfg[group].seed), workers=True, verbose=False)
         tok = load_tokenizer(policy_init.path)
-        if adapters:  # QLoRA: all four models are adapters on one shared base
-            settings = BaseSettings.from_cfg(cfg.model)
-            actors = build_adapter_actors(settings, policy_init, reference, rm, ctx.device, merge_start=merged)
-        else:
-            actors = build_actors(policy_init, reference, rm)
-        if config.compile:
-            compile_cache(ctx.cache.root / "compile")
-            actors.compile()
-        module = PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge)
-        ctx.tracker.set_tags(run_id, {"ref": ref_name, "reference_key": reference.key, "policy_init": policy_init.key})
+        actors = online_actors(ctx, policy_init, reference, rm, merged, value)
+        module = make_module(actors, tok)
+        ctx.tracker.set_tags(
+            run_id, {"ref": ref_name, "algo": group, "reference_key": reference.key, "policy_init": policy_init.key}
+        )
         fit_resumable(
             partial(ctx.trainer, work, run_id),
             module,
             work,
-            f"ppo {ref_name}",
-            config.iterations,
-            config.ckpt_every,
+            f"{group} {ref_name}",
+            module.config.iterations,
+            module.config.ckpt_every,
             use_distributed_sampler=False,
             log_every_n_steps=1,
         )
@@ -115,13 +125,27 @@ def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_n
         tok.save_pretrained(str(work))
         final = module.last_stats
         write_history(module.history, work / HISTORY)
-        log.info("[ppo %s] final: %s", ref_name, {k: round(v, 4) for k, v in final.items()})
+        log.info("[%s %s] final: %s", group, ref_name, {k: round(v, 4) for k, v in final.items()})
         return {
-            "metrics": {k.removeprefix("ppo/"): v for k, v in final.items()},
-            "format": "lora" if adapters else "full",
+            "metrics": {k.removeprefix(f"{group}/"): v for k, v in final.items()},
+            "format": "lora" if uses_adapters(cfg.model) else "full",
             "base": policy_init.manifest.get("base"),
         }
 
-    entry = ctx.build("ppo", spec, build)
+    entry = ctx.build(group, spec, build)
     ctx.labels[entry.key] = ref_name
     return entry
+
+
+def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str) -> Entry:
+    """The policy trained by PPO from `policy_init` against `reference` and the reward model `rm`."""
+    cfg = ctx.cfg
+
+    def make_module(actors, tok) -> PPOModule:
+        config = PPOConfig.from_cfg(cfg.ppo)
+        if config.compile:
+            compile_cache(ctx.cache.root / "compile")
+            actors.compile()
+        return PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge)
+
+    return run_online(ctx, "ppo", make_module, policy_init, reference, rm, ref_name)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy
 
 from salsa.data.synthetic import Pair
-from salsa.data.tokens import pad_right, prompt_ids, response_ids
+from salsa.data.tokens import pad_right, pair_ids
 from salsa.errors import ConfigError
 from salsa.functional import bradley_terry_loss
 from salsa.infra.cache import Entry
@@ -30,11 +30,9 @@ class PairDataset(Dataset):
     def __init__(self, tokenizer, pairs: list[Pair], max_prompt: int, max_response: int):
         self.items = []
         for p in pairs:
-            context = prompt_ids(tokenizer, p.prompt, max_prompt)
-            chosen = context + response_ids(tokenizer, p.chosen, p.chosen_ended)[:max_response]
-            rejected = context + response_ids(tokenizer, p.rejected, p.rejected_ended)[:max_response]
+            context, chosen, rejected = pair_ids(tokenizer, p, max_prompt, max_response)
             margin = p.gold_margin if p.gold_margin is not None else float("nan")
-            self.items.append((chosen, rejected, margin))
+            self.items.append((context + chosen, context + rejected, margin))
 
     def __len__(self) -> int:
         return len(self.items)
