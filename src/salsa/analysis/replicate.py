@@ -46,14 +46,15 @@ OVEROPT_DROP = 0.1
 
 @dataclass
 class Job:
-    """One finished pipeline run of the sweep, with its evaluation's per-answer scores and PPO's history."""
+    """One finished pipeline run of the sweep, with its evaluation's per-answer scores and the policy's history."""
 
     ref: str
-    kl_coef: float
+    kl_coef: float  # the algorithm's KL strength: kl_coef (PPO, GRPO, RLOO) or β (DPO)
     seed: int
     results: dict[str, Any]
-    answers: pd.DataFrame  # generations.csv: prompt, model (policy | sft | ppo), response, ..., gold_reward
-    history: dict[str, list[tuple[int, float]]]  # the policy's PPO iterations (history.csv)
+    answers: pd.DataFrame  # generations.csv: prompt, model (policy | sft | ppo = the ref=sft baseline), ..., gold
+    history: dict[str, list[tuple[int, float]]]  # the policy's iterations (history.csv; none for DPO)
+    algo: str = "ppo"
 
     def gold(self, model: str, samples_per_prompt: int) -> np.ndarray:
         """Gold rewards of `model`'s answers as (prompts, samples per prompt)."""
@@ -72,16 +73,18 @@ def load_jobs(sweep_dir: str | Path) -> tuple[list[Job], int]:
         cache = StageCache(cfg.paths.cache_dir)
         (eval_key,) = [k.split(":", 1)[1] for k in results["stages"] if k.startswith("eval:")]
         evaluation = cache.lookup("eval", eval_key)
-        policy = cache.lookup("ppo", evaluation.manifest["spec"]["policy"])
+        algo = str(cfg.get("algo", {}).get("name", "ppo"))  # sweeps from before `algo=` existed ran PPO
+        policy = cache.lookup(algo, evaluation.manifest["spec"]["policy"])
         per_prompt.add(int(cfg.eval.samples_per_prompt))
         jobs.append(
             Job(
                 ref=cfg.ref.name,
-                kl_coef=float(cfg.ppo.kl_coef),
+                kl_coef=float(cfg[algo].beta if algo == "dpo" else cfg[algo].kl_coef),
                 seed=int(cfg.seed),
                 results=results,
                 answers=pd.read_csv(evaluation.path / "generations.csv"),
                 history=read_history(policy.path / HISTORY),
+                algo=algo,
             )
         )
     if len(per_prompt) > 1:
