@@ -264,6 +264,11 @@ def test_clipped_surrogate_and_grpo_loss_by_hand():
     torch.testing.assert_close(loss, torch.tensor((-1.2 - 1.0 + 1.6 + 0.1 * k3) / 3))
     torch.testing.assert_close(stats["kl_k3"], torch.tensor(k3 / 3))
     torch.testing.assert_close(stats["clip_frac"], torch.tensor(2 / 3))
+    # a padded position where the policy gives its token almost no probability: no overflow, no gradient
+    logp = torch.tensor([[-1.0, -95.0]], requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), torch.zeros(1, 2), torch.ones(1), torch.tensor([[1.0, 0.0]]), 0.2, 0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
 
 
 def test_sequence_logprobs_by_hand():

@@ -113,3 +113,40 @@ def test_qlora_training_checkpoints_hold_adapters_only(tmp_path):
         state = module.state_dict()
         assert state and all(".lora_" in k or "modules_to_save" in k for k in state), sorted(state)[:3]
         assert not module.load_state_dict(state, strict=True).missing_keys
+
+
+@pytest.mark.parametrize(
+    ("algo", "quant"), [("dpo", "nf4"), ("grpo", "nf4"), ("rloo", "none")], ids=["dpo-nf4", "grpo-nf4", "rloo-merged"]
+)
+def test_algorithms_on_adapters_of_one_base(algo, quant, tmp_path):
+    """DPO, GRPO and RLOO on a local checkpoint under QLoRA (and RLOO with the start merged into a plain-weight base):
+    the policy is an adapter that loads with plain peft, and DPO starts at its reference (log 2 per pair)."""
+    import math
+
+    ckpt = tiny_checkpoint(tmp_path / "gemma", "gemma")
+    data = ultrafeedback_dir(tmp_path / "uf", n=16)
+    cfg = make_cfg(
+        tmp_path / "logs",
+        "model=gemma2b",
+        f"model.name_or_path={ckpt}",
+        f"model.quant={quant}",
+        "model.lora.r=2",
+        "model.lora.target_modules=[q_proj,v_proj]",
+        "data=ultrafeedback",
+        f"data.path={data}",
+        "ref=soup2",
+        "stage=ppo",
+        f"algo={algo}",
+        f"{algo}.iterations=1" if algo != "dpo" else "dpo.batch_size=4",
+        *([f"{algo}.response_length=6", f"{algo}.batch_size=2", f"{algo}.group_size=2"] if algo != "dpo" else []),
+    )
+    ctx = Context.from_cfg(cfg)
+    run(cfg, ctx)
+    (policy,) = [e for e in ctx.entries if e.stage == algo and not e.reused][:1]
+    assert policy.manifest["format"] == "lora"
+    if algo == "dpo":
+        assert policy.manifest["metrics"]["first_step_loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+    # the soup's rank (2 + 2) plus the new adapter's: one plain peft adapter on the unmerged base
+    assert json.loads((policy.path / "adapter_config.json").read_text())["r"] == 6
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), policy.path).eval()
+    assert torch.isfinite(model(torch.randint(6, 40, (2, 7))).logits).all()

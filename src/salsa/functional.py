@@ -248,7 +248,8 @@ def grpo_loss(
     """GRPO's loss: the clipped surrogate with per-sequence advantages, plus kl_coef · k3(π, π_ref) at every token
     (the KL is in the loss, not in the reward), reduced by `aggregate_tokens`."""
     surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip)
-    kl = kl_k3(logp, ref_logp)
+    # padding counts nothing, and must not overflow: k3 grows like e^(log π − log π_ref) there, and inf · 0 is NaN
+    kl = kl_k3(logp * mask, ref_logp * mask)
     loss = aggregate_tokens(surrogate + kl_coef * kl, mask, aggregation)
     with torch.no_grad():
         stats = {"clip_frac": masked_mean(clipped.float(), mask), "kl_k3": masked_mean(kl, mask)}

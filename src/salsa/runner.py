@@ -66,7 +66,10 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def results_table(results: dict[str, Any]) -> Table:
-    table = Table(title=f"salsa results (ref={results.get('ref')}, stage={results.get('stage')})")
+    algo = results.get("algo") or "ppo"
+    table = Table(title=f"salsa results (algo={algo}, ref={results.get('ref')}, stage={results.get('stage')})")
+    if algo != "ppo":  # the results' keys are the same for every algorithm
+        table.caption = f"*_ppo, *_vs_ppo: the baseline, {algo} with ref=sft"
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in results.items():
