@@ -37,3 +37,30 @@ def test_sft_rm_and_ppo_under_two_process_ddp(tmp_path):
         # RM/PPO: logged metrics are reduced across ranks, so both ranks record the same values
         assert ours == pytest.approx(theirs, rel=1e-6), stage
         assert all(math.isfinite(v) for v in ours.values())
+
+
+@pytest.mark.parametrize("algo", ["dpo", "grpo"])
+def test_dpo_and_grpo_under_two_process_ddp(algo, tmp_path):
+    """Each rank takes its own rows (DPO: its slice of every batch of pairs; GRPO: its own prompts, k answers each);
+    gradients are averaged, so both replicas end equal: DPO's held-out pair metrics (computed by each rank on its
+    own replica over all held-out pairs) and GRPO's logged metrics (reduced across ranks) agree."""
+    steps = "grpo.iterations=2" if algo == "grpo" else "dpo.batch_size=16"
+    cmd = [
+        sys.executable, str(ROOT / "src" / "train.py"), "debug=default", "trainer=ddp", "trainer.accelerator=cpu",
+        "trainer.devices=2", "ref=soup2", "stage=ppo", f"algo={algo}", steps, "logger=none",
+        f"paths.log_dir={tmp_path}", "extras.keep_rank_outputs=true", "extras.torch_threads=1",
+        "data.task.n_pretrain=64",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cache = tmp_path / "cache"
+    published = [p for p in (cache / algo).iterdir() if p.is_dir() and "." not in p.name]
+    assert len(published) == 2  # the soup2 run and its ref=sft baseline, each published once, by rank 0
+    for policy in published:
+        replica = cache / algo / f"{policy.name}.rank0-1" / "manifest.json"
+        assert replica.is_file(), f"rank 1 did not train {algo} alongside rank 0"
+        ours = json.loads((policy / "manifest.json").read_text())["metrics"]
+        theirs = json.loads(replica.read_text())["metrics"]
+        assert ours == pytest.approx(theirs, rel=1e-5)
+        assert all(math.isfinite(v) for v in ours.values())
