@@ -189,6 +189,15 @@ def validate(cfg: DictConfig) -> None:
             "compiles full-weight models only (the embedded model); hub models train as adapters that are switched "
             "per call, which would recompile at every switch",
         )
+    ref = cfg.ref
+    update = ref["update"]  # (a config node's `.update` is its dict method)
+    if cfg.model.get("name_or_path") and (update == "ema" or (update == "sync" and ref.sync_mix != 1)):
+        raise ConfigError(
+            "ref.update",
+            f"{update} (mixing the reference with the policy) needs full-weight models: on adapters the average "
+            "of two adapters' LoRA factors is not the average of the models; use ref.update=sync with ref.sync_mix=1"
+            " (the reference becomes a copy of the policy every ref.sync_every steps)",
+        )
     for warning in scale_warnings(cfg):
         log.warning(warning)
     task = cfg.data.get("task") or {}
