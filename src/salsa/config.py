@@ -296,8 +296,9 @@ class RMConfig(Group):
     max_prompt_length: int = 32
     max_response_length: int = 48
     ckpt_every: int = 25  # optimizer steps per checkpoint
+    members: int = 1  # rm=soup: this many reward models (member i: seed rm.seed + 1000·i), averaged weight by weight
 
-    POSITIVE_INT = ("epochs", "batch_size", "max_prompt_length", "max_response_length", "ckpt_every")
+    POSITIVE_INT = ("epochs", "batch_size", "max_prompt_length", "max_response_length", "ckpt_every", "members")
     POSITIVE = ("lr",)
     NON_NEGATIVE = ("weight_decay", "warmup_steps")
 

@@ -21,7 +21,7 @@ from salsa.infra.context import Context
 from salsa.stages.base import run_base
 from salsa.stages.evaluate import run_eval
 from salsa.stages.export import run_export
-from salsa.stages.rm import judge_kind, run_rm
+from salsa.stages.rm import judge_kind, reward_model, run_rm
 from salsa.stages.sft import run_sft
 from salsa.stages.soup import run_soup
 
@@ -88,7 +88,7 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> dict[str, Any]:
         ref = reference(ctx, sft)
         results["ref_val_loss"] = ref.manifest.get("metrics", {}).get("val_loss")
     if last >= STAGES.index("rm"):
-        rm = run_rm(ctx, base)
+        rm = reward_model(ctx, base)
         results["rm_accuracy"] = rm.manifest["metrics"].get("accuracy")
         results["rm_gold_agreement"] = rm.manifest["metrics"].get("gold_agreement")
     if last >= STAGES.index("ppo"):

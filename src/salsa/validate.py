@@ -198,6 +198,9 @@ def validate(cfg: DictConfig) -> None:
             "of two adapters' LoRA factors is not the average of the models; use ref.update=sync with ref.sync_mix=1"
             " (the reference becomes a copy of the policy every ref.sync_every steps)",
         )
+    if cfg.model.get("name_or_path") and int(cfg.rm.get("members", 1)) > 1:
+        raise ConfigError("rm.members", "reward-model soups (rm=soup) need full-weight reward models (the embedded "
+                          "model); on hub models each reward model is an adapter with its own head")  # fmt: skip
     for warning in scale_warnings(cfg):
         log.warning(warning)
     task = cfg.data.get("task") or {}
