@@ -196,10 +196,14 @@ class Stopped(Exception):
     pass
 
 
-@pytest.mark.parametrize("algo", ["grpo", "dpo"])
-def test_interrupted_run_resumes_to_the_same_policy(algo, tmp_path, monkeypatch):
-    """A build that dies after its first checkpoint resumes from it (DPO without scoring the reference again) and
-    publishes the same policy as an uninterrupted one."""
+@pytest.mark.parametrize(
+    ("algo", "moving"),
+    [("grpo", ()), ("dpo", ()), ("grpo", ("ref.update=ema", "ref.ema_rate=0.5"))],
+    ids=["grpo", "dpo", "grpo-moving-reference"],
+)
+def test_interrupted_run_resumes_to_the_same_policy(algo, moving, tmp_path, monkeypatch):
+    """A build that dies after its first checkpoint resumes from it (DPO without scoring the reference again; a
+    moving reference as it had moved) and publishes the same policy as an uninterrupted one."""
     from safetensors.torch import load_file
 
     from salsa.algorithms import dpo as dpo_module
@@ -207,7 +211,7 @@ def test_interrupted_run_resumes_to_the_same_policy(algo, tmp_path, monkeypatch)
     from salsa.stages import dpo as dpo_stage
 
     every = {"grpo": ("grpo.iterations=3", "grpo.ckpt_every=1"), "dpo": ("dpo.ckpt_every=1",)}[algo]
-    args = ("stage=ppo", f"algo={algo}", "ref=soup3", *every)
+    args = ("stage=ppo", f"algo={algo}", "ref=soup3", *every, *moving)
     cfg = make_cfg(tmp_path / "straight", *args)
     run(cfg, Context.from_cfg(cfg))
 
@@ -239,3 +243,7 @@ def test_interrupted_run_resumes_to_the_same_policy(algo, tmp_path, monkeypatch)
     for key, weights in a.items():
         for k in weights:
             torch.testing.assert_close(weights[k], b[key][k], rtol=0, atol=1e-6)
+        # the last iteration's statistics too: its KL is measured against the reference as it had moved
+        metrics = [json.loads((root / "cache" / algo / key / "manifest.json").read_text())["metrics"]
+                   for root in (tmp_path / "straight", tmp_path / "resumed")]  # fmt: skip
+        assert metrics[1] == pytest.approx(metrics[0], rel=1e-4, abs=1e-7)

@@ -24,6 +24,7 @@ SOUP_METHODS = ("uniform", "weighted", "greedy")
 KL_ESTIMATORS = ("k1", "k3")
 LOSS_AGGREGATIONS = ("token", "sequence")  # grpo.loss_aggregation (salsa.functional.aggregate_tokens)
 DPO_LOSSES = ("sigmoid", "ipo")  # dpo.loss_type (salsa.functional.dpo_loss)
+REF_UPDATES = ("frozen", "ema", "sync")  # ref.update (salsa.algorithms.reference)
 QUANT = ("nf4", "none")  # model.quant of hub/local checkpoints (salsa.models.qlora)
 BENCHMARKS = ("mt_bench", "arena_hard")  # eval.export (salsa.data.benchmarks)
 JUDGES = ("auto", "gold", "heldout_rm", "rm")  # eval.judge, besides a path (salsa.stages.evaluate)
@@ -234,8 +235,19 @@ class RefConfig(Group):
     soup: bool = True  # the reference is the soup of `ingredients` (at least 2)
     ingredients: list[int] = field(default_factory=lambda: [0, 1, 2])
     policy_init: Any = "ref"  # "ref" = the policy starts as the reference; an integer = that SFT ingredient
+    # a reference that moves during training, starting at the model above: frozen | ema (after every optimizer step,
+    # ref ← (1 − ema_rate)·ref + ema_rate·policy) | sync (every sync_every steps, ref ← (1 − sync_mix)·ref +
+    # sync_mix·policy; WARP's and TR-DPO's anchors)
+    update: str = "frozen"
+    ema_rate: float = 0.01
+    sync_every: int = 10
+    sync_mix: float = 1.0
 
     def check(self, prefix: str) -> None:
+        one_of(f"{prefix}.update", self.update, REF_UPDATES)
+        in_range(f"{prefix}.ema_rate", self.ema_rate, 0.0, 1.0)
+        in_range(f"{prefix}.sync_mix", self.sync_mix, 0.0, 1.0)
+        positive_int(f"{prefix}.sync_every", self.sync_every)
         ingredients = self.ingredients
         if not ingredients or any(i < 0 for i in ingredients):
             raise ConfigError(
@@ -253,6 +265,23 @@ class RefConfig(Group):
 
 
 @dataclass
+class InitConfig(Group):
+    """`init=`: where the policy starts, apart from the reference: `ref` = as the `ref=` choice says (its
+    `policy_init`); otherwise one SFT ingredient or the soup of several, whatever the reference."""
+
+    name: str = "ref"
+    soup: bool = False  # the start is the soup of `ingredients` (at least 2)
+    ingredients: list[int] = field(default_factory=list)
+
+    def check(self, prefix: str) -> None:
+        if self.name == "ref":
+            if self.ingredients:
+                raise ConfigError(f"{prefix}.ingredients", "must be empty for init=ref (the ref= choice decides)")
+            return
+        RefConfig(self.name, self.soup, list(self.ingredients)).check(prefix)
+
+
+@dataclass
 class RMConfig(Group):
     """`rm=`: the Bradley–Terry reward model (a scalar head on the base LM)."""
 
@@ -267,8 +296,9 @@ class RMConfig(Group):
     max_prompt_length: int = 32
     max_response_length: int = 48
     ckpt_every: int = 25  # optimizer steps per checkpoint
+    members: int = 1  # rm=soup: this many reward models (member i: seed rm.seed + 1000·i), averaged weight by weight
 
-    POSITIVE_INT = ("epochs", "batch_size", "max_prompt_length", "max_response_length", "ckpt_every")
+    POSITIVE_INT = ("epochs", "batch_size", "max_prompt_length", "max_response_length", "ckpt_every", "members")
     POSITIVE = ("lr",)
     NON_NEGATIVE = ("weight_decay", "warmup_steps")
 
@@ -557,6 +587,7 @@ class TrainConfig(Group):
     sft: SFTConfig = field(default_factory=SFTConfig)
     soup: SoupConfig = field(default_factory=SoupConfig)
     ref: RefConfig = field(default_factory=RefConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -571,7 +602,7 @@ class TrainConfig(Group):
 
 
 # groups whose `check` takes only its key; the soup's also needs the reference's size (see `check_groups`)
-CHECKED_GROUPS = ("model", "data", "sft", "ref", "rm", "algo", "ppo", "dpo", "grpo", "rloo", "eval")
+CHECKED_GROUPS = ("model", "data", "sft", "ref", "init", "rm", "algo", "ppo", "dpo", "grpo", "rloo", "eval")
 
 
 def typed(node: Any, cls: type) -> Any:
@@ -598,6 +629,13 @@ def check_groups(cfg: Any) -> None:
     for group in CHECKED_GROUPS:
         typed(cfg[group], _resolve_type(types[group])).check(group)
     typed(cfg.soup, SoupConfig).check("soup", len(cfg.ref.ingredients))
+    init = cfg.init
+    if init.soup and cfg.soup.method == "weighted" and len(init.ingredients) != len(cfg.ref.ingredients):
+        raise ConfigError(
+            "init",
+            f"init={init.name} is a soup of {len(init.ingredients)} ingredients, and soup.weights gives one "
+            f"weight per ingredient of the reference ({len(cfg.ref.ingredients)}): use soups of one size",
+        )
     check_data_parallel(cfg)
     check_model_and_data(cfg)
     if cfg.get("landscape") is not None:

@@ -298,6 +298,25 @@ def dpo_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Moving references
+# ---------------------------------------------------------------------------------------------------------------
+def ema_update(reference: torch.Tensor, policy: torch.Tensor, rate: float) -> torch.Tensor:
+    """One step of a reference moving toward the policy: (1 − rate) · reference + rate · policy (rate 1: an exact
+    copy, as torch.lerp computes the upper half of the rates from the policy's side)."""
+    return torch.lerp(reference, policy, rate)
+
+
+def reference_rate(update: str, step: int, ema_rate: float, sync_every: int, sync_mix: float) -> float | None:
+    """How far the reference moves toward the policy after optimizer step `step` (1, 2, ...): `ema_rate` after every
+    step (ema), `sync_mix` after every `sync_every`-th (sync), never (frozen: None)."""
+    if update == "ema":
+        return ema_rate
+    if update == "sync" and step % sync_every == 0:
+        return sync_mix
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Schedules
 # ---------------------------------------------------------------------------------------------------------------
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:

@@ -189,6 +189,18 @@ def validate(cfg: DictConfig) -> None:
             "compiles full-weight models only (the embedded model); hub models train as adapters that are switched "
             "per call, which would recompile at every switch",
         )
+    ref = cfg.ref
+    update = ref["update"]  # (a config node's `.update` is its dict method)
+    if cfg.model.get("name_or_path") and (update == "ema" or (update == "sync" and ref.sync_mix != 1)):
+        raise ConfigError(
+            "ref.update",
+            f"{update} (mixing the reference with the policy) needs full-weight models: on adapters the average "
+            "of two adapters' LoRA factors is not the average of the models; use ref.update=sync with ref.sync_mix=1"
+            " (the reference becomes a copy of the policy every ref.sync_every steps)",
+        )
+    if cfg.model.get("name_or_path") and int(cfg.rm.get("members", 1)) > 1:
+        raise ConfigError("rm.members", "reward-model soups (rm=soup) need full-weight reward models (the embedded "
+                          "model); on hub models each reward model is an adapter with its own head")  # fmt: skip
     for warning in scale_warnings(cfg):
         log.warning(warning)
     task = cfg.data.get("task") or {}

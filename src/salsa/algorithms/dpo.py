@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from salsa.algorithms.reference import MovingReference, keep_trainable
 from salsa.config import DPOConfig
 from salsa.data.tokens import lm_batch, pair_ids
 from salsa.functional import dpo_loss, sequence_logprobs
@@ -80,23 +81,29 @@ class DPOModule(SeededModule):
         ref_rejected: torch.Tensor,
         config: DPOConfig,
         total_steps: int,
+        moving: MovingReference | None = None,
     ):
         super().__init__(
             actors, config.lr, config.weight_decay, config.warmup_steps, total_steps, seed=config.seed,
-            beta=config.beta, loss_type=config.loss_type, ignore=("actors", "ref_chosen", "ref_rejected", "config"),
+            beta=config.beta, loss_type=config.loss_type,
+            ignore=("actors", "ref_chosen", "ref_rejected", "config", "moving"),
         )  # fmt: skip
         self.register_buffer("ref_chosen", ref_chosen, persistent=False)
         self.register_buffer("ref_rejected", ref_rejected, persistent=False)
         self.strict_loading = False  # checkpoints hold only the trainable weights
+        # ref.update: ema | sync — the reference then moves, and is scored per batch instead of once
+        self.moving = moving if moving is not None and moving.moving else None
         self.first_losses: torch.Tensor | None = None  # every pair's loss in the first step (log 2 if π = π_ref)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         policy_chosen, policy_rejected = answer_logprobs(self.model.policy_logits, batch).chunk(2)
-        idx = batch["index"]
-        losses, stats = dpo_loss(
-            policy_chosen, policy_rejected, self.ref_chosen[idx], self.ref_rejected[idx], hp.beta, hp.loss_type
-        )
+        if self.moving is None:
+            ref_chosen, ref_rejected = self.ref_chosen[batch["index"]], self.ref_rejected[batch["index"]]
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = answer_logprobs(self.model.reference_logits, batch).float().chunk(2)
+        losses, stats = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, hp.beta, hp.loss_type)
         if self.global_step == 0 and self.first_losses is None:
             self.first_losses = losses.detach().cpu()
         loss = losses.mean()
@@ -105,10 +112,18 @@ class DPOModule(SeededModule):
         self.log_dict({f"dpo/{k}": v for k, v in stats.items()}, sync_dist=True)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.moving is not None:
+            self.moving.after_step(self.global_step)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # the reference (and a shared frozen base) are rebuilt from the cache, not checkpointed
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable(self, checkpoint, self.moving)
+        checkpoint["first_losses"] = self.first_losses  # a resumed run reports the same first step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.moving is not None:
+            self.moving.load(checkpoint)
+        self.first_losses = checkpoint.get("first_losses")
 
 
 def heldout_preferences(

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from salsa.algorithms.ppo import _OneBatch, iteration_prompts
+from salsa.algorithms.reference import MovingReference, keep_trainable
 from salsa.config import GroupConfig
 from salsa.data.task import judge_answers
 from salsa.data.tokens import report_long_prompts
@@ -31,10 +32,14 @@ class GroupModule(pl.LightningModule):
 
     name = "group"
 
-    def __init__(self, actors: FullActors, tokenizer, prompts: list[str], config: GroupConfig, judge=None):
+    def __init__(
+        self, actors: FullActors, tokenizer, prompts: list[str], config: GroupConfig, judge=None,
+        moving: MovingReference | None = None,
+    ):  # fmt: skip
         super().__init__()
         config.check(self.name)  # also when built outside the pipeline (benchmarks, tests)
         self.actors, self.tokenizer, self.prompts, self.config, self.judge = actors, tokenizer, prompts, config, judge
+        self.moving = moving if moving is not None and moving.moving else None  # ref.update: ema | sync
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.last_stats: dict[str, float] = {}
@@ -115,6 +120,8 @@ class GroupModule(pl.LightningModule):
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
+                if self.moving is not None:
+                    self.moving.after_step(self.global_step)
                 with torch.no_grad():
                     stats = {"loss": loss, "entropy": masked_mean(token_entropy, mb["mask"]), **stats}
                 for k, v in stats.items():
@@ -151,11 +158,12 @@ class GroupModule(pl.LightningModule):
         return torch.optim.AdamW(self.actors.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay, eps=1e-5)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable(self, checkpoint, self.moving)
         checkpoint["last_stats"] = self.last_stats
         checkpoint["history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.moving is not None:
+            self.moving.load(checkpoint)
         self.last_stats = checkpoint.get("last_stats", {})
         self.history = checkpoint.get("history", [])

@@ -18,6 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from salsa.algorithms.reference import MovingReference, keep_trainable
 from salsa.config import PPOConfig
 from salsa.data.task import judge_answers
 from salsa.data.tokens import report_long_prompts
@@ -58,7 +59,10 @@ class _OneBatch(torch.utils.data.Dataset):
 
 
 class PPOModule(pl.LightningModule):
-    def __init__(self, actors: FullActors, tokenizer, prompts: list[str], config: PPOConfig, judge=None):
+    def __init__(
+        self, actors: FullActors, tokenizer, prompts: list[str], config: PPOConfig, judge=None,
+        moving: MovingReference | None = None,
+    ):  # fmt: skip
         super().__init__()
         if config.batch_size % config.num_minibatches:
             raise ValueError(
@@ -66,6 +70,7 @@ class PPOModule(pl.LightningModule):
                 f"ppo.num_minibatches ({config.num_minibatches})"
             )
         self.actors, self.tokenizer, self.prompts, self.config, self.judge = actors, tokenizer, prompts, config, judge
+        self.moving = moving if moving is not None and moving.moving else None  # ref.update: ema | sync
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights
@@ -149,6 +154,8 @@ class PPOModule(pl.LightningModule):
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
+                if self.moving is not None:
+                    self.moving.after_step(self.global_step)
                 with torch.no_grad():
                     entropy = masked_mean(token_entropy, mb["mask"])
                 step = {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/entropy": entropy}
@@ -188,14 +195,14 @@ class PPOModule(pl.LightningModule):
         return torch.optim.AdamW(self.actors.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay, eps=1e-5)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # frozen models (reference, reward, a shared frozen base) are rebuilt from the cache, not checkpointed
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable(self, checkpoint, self.moving)
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
         checkpoint["last_stats"] = self.last_stats
         checkpoint["history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.moving is not None:
+            self.moving.load(checkpoint)
         self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.last_stats = checkpoint.get("last_stats", {})
         self.history = checkpoint.get("history", [])

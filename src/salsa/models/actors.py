@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from salsa.functional import token_logprobs
+from salsa.functional import ema_update, token_logprobs
 from salsa.models.hf import position_ids_from_mask, scalar_head_outputs, sequence_scores
 
 
@@ -98,6 +98,13 @@ class FullActors(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.policy, self.value) if m is not None for p in m.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def move_reference(self, rate: float) -> None:
+        """reference ← (1 − rate) · reference + rate · policy, parameter by parameter (`ref.update`)."""
+        policy = dict(self.policy.named_parameters())
+        for name, ref in self.reference.named_parameters():
+            ref.copy_(ema_update(ref.float(), policy[name].float(), rate).to(ref.dtype))
 
     def compile(self) -> None:
         """`torch.compile` each model's decoder in place (state-dict keys unchanged), with dynamic shapes: every

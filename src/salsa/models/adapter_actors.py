@@ -25,6 +25,7 @@ from salsa.models.qlora import AdapterError, BaseSettings, checkpoint_trainable_
 from salsa.models.shared_base import SharedBase
 
 log = logging.getLogger("salsa")
+REFERENCE_DELTA = "ref_delta"  # a moving reference's copy of the policy's trained adapter
 
 
 class AdapterActors(FullActors):
@@ -66,6 +67,17 @@ class AdapterActors(FullActors):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def move_reference(self, rate: float) -> None:
+        """The reference becomes the policy: its adapters are the policy's, with the trained one's factors copied
+        into `ref_delta` (loaded when the run moves its reference). Only a copy (rate 1): averaging two adapters'
+        LoRA factors is not averaging the models."""
+        if rate != 1.0:
+            raise AdapterError("on adapters a moving reference can only copy the policy (ref.update=sync, sync_mix=1)")
+        if REFERENCE_DELTA not in self.shared.adapters:
+            raise AdapterError(f"no {REFERENCE_DELTA!r} adapter: build the actors with moving_reference=True")
+        self.shared.copy_adapter("policy", REFERENCE_DELTA)
+        self.reference.names = tuple(REFERENCE_DELTA if n == "policy" else n for n in self.policy.names)
+
     def save_policy(self, path) -> None:
         """The policy as one plain peft adapter on the unmerged base: its adapters' deltas (and the merged start's)
         summed exactly (ranks concatenated)."""
@@ -87,12 +99,13 @@ def merges_start(settings: BaseSettings, merge_start: bool) -> bool:
 
 
 def build_adapter_actors(
-    settings: BaseSettings, policy_init, reference, rm, device, merge_start: bool = False, value: bool = True
-) -> AdapterActors:
+    settings: BaseSettings, policy_init, reference, rm, device, merge_start: bool = False, value: bool = True,
+    moving_reference: bool = False,
+) -> AdapterActors:  # fmt: skip
     """Policy, value, reference and reward on one base from cache entries (SFT/soup adapters and a reward adapter);
     with `merge_start` on a plain-weight base, the policy's start is folded into the base (module docstring).
     Without a value model (`value=False`: GRPO, RLOO) or a reward model (`rm=None`: DPO) those adapters are not
-    loaded."""
+    loaded; with `moving_reference`, a frozen `ref_delta` adapter shaped like the policy's receives its copies."""
     shared = SharedBase.load(settings, device)
     names: dict[str, str] = {}
 
@@ -116,6 +129,8 @@ def build_adapter_actors(
         beneath, ref = [], [frozen(reference)]
         policy = [frozen(policy_init), "policy"]
     shared.new_adapter("policy", settings.lora)
+    if moving_reference:
+        shared.new_adapter(REFERENCE_DELTA, settings.lora, trainable=False)
     if rm is not None:
         shared.load_adapter("reward", rm.path)
     if value:

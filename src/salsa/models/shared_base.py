@@ -158,6 +158,14 @@ class SharedBase(nn.Module):
             module.requires_grad_(trainable)
             self.heads[name] = module
 
+    @torch.no_grad()
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Adapter `target` takes `source`'s LoRA factors (same rank and modules): the two add the same delta."""
+        for layer in self._layers:
+            if source in layer.lora_A:
+                layer.lora_A[target].weight.copy_(layer.lora_A[source].weight)
+                layer.lora_B[target].weight.copy_(layer.lora_B[source].weight)
+
     def merge_adapter(self, name: str) -> None:
         """Fold adapter `name` into the base's weights, W ← W + B·A·scale (summed in float32, stored in the base's
         dtype), and remove it: models that had it on now run without it, and all others see it in the weights.

@@ -19,6 +19,7 @@ from salsa.algorithms.dpo import (
     pair_logprobs,
     preference_batch,
 )
+from salsa.algorithms.reference import MovingReference, update_spec
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.training import PlanSampler, batch_plan, fit_resumable
@@ -46,12 +47,15 @@ def cached_reference_logprobs(path: Path, actors, datasets: dict[str, Preference
     return out
 
 
-def run_dpo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry | None, ref_name: str) -> Entry:
+def run_dpo(
+    ctx: Context, policy_init: Entry, reference: Entry, rm: Entry | None, ref_name: str, ref_update=None
+) -> Entry:
     """The policy trained by DPO (or IPO) on the preference pairs from `policy_init` against `reference`. DPO has no
     reward model (`rm` is None); `ref_name` labels the run, outside the cache key."""
     cfg = ctx.cfg
     spec = {
         "policy_init": policy_init.key, "reference": reference.key, "dpo": plain(cfg.dpo), "data": plain(cfg.data),
+        **update_spec(ref_update),
     }  # fmt: skip
 
     def build(work: Path, run_id: str | None) -> dict:
@@ -59,7 +63,7 @@ def run_dpo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry | None
         pl.seed_everything(config.seed, workers=True, verbose=False)
         tok = load_tokenizer(policy_init.path)
         # no dropout: a pair's log-probabilities must be the same function as the reference's
-        actors = online_actors(ctx, policy_init, reference, None, merged=False, value=False)
+        actors = online_actors(ctx, policy_init, reference, None, merged=False, value=False, ref_update=ref_update)
         actors.to(ctx.device)
         datasets = {
             split: PreferenceDataset(tok, pairs, config.max_prompt_length, config.max_response_length)
@@ -73,7 +77,9 @@ def run_dpo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry | None
             batch_sampler=PlanSampler(plan, config.ckpt_every),
             collate_fn=partial(preference_batch, pad_id=tok.pad_token_id),
         )
-        module = DPOModule(actors, *ref["train"], config, total_steps=len(plan))
+        module = DPOModule(
+            actors, *ref["train"], config, total_steps=len(plan), moving=MovingReference(actors, ref_update)
+        )
         ctx.tracker.set_tags(
             run_id, {"ref": ref_name, "algo": "dpo", "reference_key": reference.key, "policy_init": policy_init.key}
         )

@@ -17,19 +17,19 @@ def build_group_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullA
     return build_actors(policy_init, reference, rm, value=False)
 
 
-def _run(ctx: Context, group: str, module_cls, config_cls, policy_init, reference, rm, ref_name) -> Entry:
-    def make_module(actors, tok):
+def _run(ctx: Context, group: str, module_cls, config_cls, policy_init, reference, rm, ref_name, ref_update) -> Entry:
+    def make_module(actors, tok, moving):
         config = config_cls.from_cfg(ctx.cfg[group])
-        return module_cls(actors, tok, ctx.data.prompts_train, config, ctx.data.judge)
+        return module_cls(actors, tok, ctx.data.prompts_train, config, ctx.data.judge, moving)
 
-    return run_online(ctx, group, make_module, policy_init, reference, rm, ref_name, value=False)
+    return run_online(ctx, group, make_module, policy_init, reference, rm, ref_name, value=False, ref_update=ref_update)
 
 
-def run_grpo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str) -> Entry:
+def run_grpo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str, ref_update=None) -> Entry:
     """The policy trained by GRPO from `policy_init` against `reference` and the reward model `rm`."""
-    return _run(ctx, "grpo", GRPOModule, GRPOConfig, policy_init, reference, rm, ref_name)
+    return _run(ctx, "grpo", GRPOModule, GRPOConfig, policy_init, reference, rm, ref_name, ref_update)
 
 
-def run_rloo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str) -> Entry:
+def run_rloo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str, ref_update=None) -> Entry:
     """The policy trained by RLOO from `policy_init` against `reference` and the reward model `rm`."""
-    return _run(ctx, "rloo", RLOOModule, RLOOConfig, policy_init, reference, rm, ref_name)
+    return _run(ctx, "rloo", RLOOModule, RLOOConfig, policy_init, reference, rm, ref_name, ref_update)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from salsa.algorithms.ppo import PPOConfig, PPOModule
+from salsa.algorithms.reference import MovingReference, update_spec
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.training import fit_resumable
@@ -66,7 +67,9 @@ def compile_cache(path: Path) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
 
-def stage_spec(cfg, policy_init: Entry, reference: Entry, rm: Entry | None, group: str = "ppo") -> tuple[dict, bool]:
+def stage_spec(
+    cfg, policy_init: Entry, reference: Entry, rm: Entry | None, group: str = "ppo", ref_update=None
+) -> tuple[dict, bool]:
     """An algorithm's cache key material (its settings are `cfg[group]`), and whether the policy's start is merged
     into the base.
 
@@ -78,36 +81,41 @@ def stage_spec(cfg, policy_init: Entry, reference: Entry, rm: Entry | None, grou
     merged = uses_adapters(cfg.model) and merges_start(BaseSettings.from_cfg(cfg.model), merge_start)
     spec = {
         "policy_init": policy_init.key, "reference": reference.key, **({"rm": rm.key} if rm is not None else {}),
-        group: settings, "data": plain(cfg.data),
+        group: settings, "data": plain(cfg.data), **update_spec(ref_update),
         **({"merged_start": True} if merged else {}), **({"compiled": True} if compiled else {}),
     }  # fmt: skip
     return spec, merged
 
 
-def online_actors(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry | None, merged: bool, value: bool):
+def online_actors(
+    ctx: Context, policy_init: Entry, reference: Entry, rm: Entry | None, merged: bool, value: bool, ref_update=None
+):
     """The algorithm's models: full weights, or adapters on one shared base (QLoRA)."""
     if uses_adapters(ctx.cfg.model):
         settings = BaseSettings.from_cfg(ctx.cfg.model)
-        return build_adapter_actors(settings, policy_init, reference, rm, ctx.device, merge_start=merged, value=value)
+        moving = bool(update_spec(ref_update))
+        return build_adapter_actors(
+            settings, policy_init, reference, rm, ctx.device, merge_start=merged, value=value, moving_reference=moving
+        )
     return build_actors(policy_init, reference, rm, value=value)
 
 
 def run_online(
     ctx: Context, group: str, make_module, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str,
-    value: bool = True,
+    value: bool = True, ref_update=None,
 ) -> Entry:  # fmt: skip
-    """The policy trained by an online algorithm — `make_module(actors, tokenizer, config)`, settings in the config
+    """The policy trained by an online algorithm — `make_module(actors, tokenizer, moving)`, settings in the config
     group `group`, which also names its stage — from `policy_init` against `reference` and the reward model `rm`.
     `ref_name` labels it in this run's logs and plots; it is not part of the cache key (the same training under
-    another name is the same stage)."""
+    another name is the same stage). `ref_update` (the `ref` config) moves the reference (`ref.update`)."""
     cfg = ctx.cfg
-    spec, merged = stage_spec(cfg, policy_init, reference, rm, group)
+    spec, merged = stage_spec(cfg, policy_init, reference, rm, group, ref_update)
 
     def build(work: Path, run_id: str | None) -> dict:
         pl.seed_everything(int(cfg[group].seed), workers=True, verbose=False)
         tok = load_tokenizer(policy_init.path)
-        actors = online_actors(ctx, policy_init, reference, rm, merged, value)
-        module = make_module(actors, tok)
+        actors = online_actors(ctx, policy_init, reference, rm, merged, value, ref_update)
+        module = make_module(actors, tok, MovingReference(actors, ref_update))
         ctx.tracker.set_tags(
             run_id, {"ref": ref_name, "algo": group, "reference_key": reference.key, "policy_init": policy_init.key}
         )
@@ -137,15 +145,15 @@ def run_online(
     return entry
 
 
-def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str) -> Entry:
+def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_name: str, ref_update=None) -> Entry:
     """The policy trained by PPO from `policy_init` against `reference` and the reward model `rm`."""
     cfg = ctx.cfg
 
-    def make_module(actors, tok) -> PPOModule:
+    def make_module(actors, tok, moving) -> PPOModule:
         config = PPOConfig.from_cfg(cfg.ppo)
         if config.compile:
             compile_cache(ctx.cache.root / "compile")
             actors.compile()
-        return PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge)
+        return PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge, moving)
 
-    return run_online(ctx, "ppo", make_module, policy_init, reference, rm, ref_name)
+    return run_online(ctx, "ppo", make_module, policy_init, reference, rm, ref_name, ref_update=ref_update)

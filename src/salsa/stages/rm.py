@@ -107,15 +107,33 @@ def reward_pairs(ctx: Context, role: str) -> tuple[list, dict[str, Any]]:
     return (pairs[:cut], {"pairs": [0, cut]}) if role == "policy" else (pairs[cut:], {"pairs": [cut, len(pairs)]})
 
 
-def run_rm(ctx: Context, base: Entry, role: str = "policy") -> Entry:
+def rm_settings(cfg) -> dict:
+    """`rm.*` as it keys one reward model: without `members`, which says how many there are, not how each trains."""
+    settings = plain(cfg.rm)
+    settings.pop("members", None)
+    return settings
+
+
+def heldout_pairs(ctx: Context, module: RewardModule, tok, work: Path, run_id: str | None) -> dict[str, float]:
+    """A reward model's held-out pair accuracy, agreement with the gold reward (where known) and loss."""
+    r = ctx.cfg.rm
+    val = PairDataset(tok, ctx.data.pairs_val, r.max_prompt_length, r.max_response_length)
+    loader = DataLoader(val, batch_size=r.val_batch_size, collate_fn=partial(pair_batch, pad_id=tok.pad_token_id))
+    metrics = ctx.trainer(work, run_id, logger=False).validate(module, loader, verbose=False)[0]
+    return {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
+
+
+def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> Entry:
     """The reward model the policy is trained against (`role="policy"`), or the held-out judge (`"judge"`: another
-    seed, the other share of the pairs)."""
+    seed, the other share of the pairs); `member` i > 0 of a reward-model soup trains with seed rm.seed + 1000·i."""
     cfg = ctx.cfg
     pairs, split = reward_pairs(ctx, role)
-    seed = int(cfg.rm.seed) + (1 if role == "judge" else 0)
-    spec = {"base": base.key, "data": plain(cfg.data), "rm": plain(cfg.rm), **split}
+    seed = int(cfg.rm.seed) + (1 if role == "judge" else 0) + 1000 * member
+    spec = {"base": base.key, "data": plain(cfg.data), "rm": rm_settings(cfg), **split}
     if role == "judge":
         spec["seed"] = seed
+    if member:
+        spec["member"] = member
 
     def build(work: Path, run_id: str | None) -> dict:
         r = cfg.rm
@@ -130,10 +148,8 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy") -> Entry:
         model.config.pad_token_id = tok.pad_token_id
         model.train()
         train = PairDataset(tok, pairs, r.max_prompt_length, r.max_response_length)
-        val = PairDataset(tok, ctx.data.pairs_val, r.max_prompt_length, r.max_response_length)
         collate = partial(pair_batch, pad_id=tok.pad_token_id)
         loader = planned_loader(train, r, collate, seed)
-        val_loader = DataLoader(val, batch_size=r.val_batch_size, collate_fn=collate)
         total = len(loader.batch_sampler.plan)
         module = RewardModule(
             model, r.lr, r.center_coef, weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, total_steps=total,
@@ -149,8 +165,7 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy") -> Entry:
             use_distributed_sampler=False,
             limit_val_batches=0,
         )
-        metrics = ctx.trainer(work, run_id, logger=False).validate(module, val_loader, verbose=False)[0]
-        metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
+        metrics = heldout_pairs(ctx, module, tok, work, run_id)
         (adapter or model).save_pretrained(str(work))
         tok.save_pretrained(str(work))
         log.info(
@@ -160,6 +175,46 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy") -> Entry:
             metrics.get("gold_agreement"),
             len(pairs),
         )
-        return {"metrics": metrics, "format": "lora" if adapter else "full", "base": base.key, "role": role}
+        return {
+            "metrics": metrics, "format": "lora" if adapter else "full", "base": base.key, "role": role,
+            "member": member,
+        }  # fmt: skip
 
     return ctx.build("rm", spec, build)
+
+
+def run_rm_soup(ctx: Context, members: list[Entry]) -> Entry:
+    """The uniform weight average of reward models trained with different seeds (WARM, Ramé et al. 2024), with its
+    held-out pair accuracy and gold agreement beside each member's."""
+    from salsa.merge.soup import soup_checkpoints
+
+    cfg = ctx.cfg
+    spec = {"members": [e.key for e in members], "data": plain(cfg.data), "rm": rm_settings(cfg)}
+
+    def build(work: Path, run_id: str | None) -> dict:
+        if any(e.manifest.get("format") != "full" for e in members):
+            raise ConfigError("rm.members", "reward-model soups need full-weight reward models (the embedded model)")
+        soup_checkpoints([e.path for e in members], work, None)
+        tok = load_tokenizer(members[0].path)
+        tok.save_pretrained(str(work))
+        model = load_reward_model(work)
+        model.config.pad_token_id = tok.pad_token_id
+        metrics = heldout_pairs(ctx, RewardModule(model, lr=cfg.rm.lr), tok, work, run_id)
+        for i, e in enumerate(members):
+            for k in ("accuracy", "gold_agreement"):
+                if k in e.manifest.get("metrics", {}):
+                    metrics[f"member{i}_{k}"] = e.manifest["metrics"][k]
+        per_member = {k: round(v, 3) for k, v in metrics.items() if k.startswith("member")}
+        log.info("[rm soup] held-out pair accuracy %.3f, agreement with gold %s (members: %s)", metrics["accuracy"],
+                 metrics.get("gold_agreement"), per_member)  # fmt: skip
+        return {"metrics": metrics, "format": "full", "base": members[0].manifest.get("base"), "role": "policy"}
+
+    return ctx.build("rm_soup", spec, build)
+
+
+def reward_model(ctx: Context, base: Entry) -> Entry:
+    """The reward model the policy is trained against: one (`rm=default`), or the soup of `rm.members` (`rm=soup`)."""
+    n = int(ctx.cfg.rm.get("members", 1))
+    if n == 1:
+        return run_rm(ctx, base)
+    return run_rm_soup(ctx, [run_rm(ctx, base, member=i) for i in range(n)])
