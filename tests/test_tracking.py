@@ -20,8 +20,8 @@ def test_view_puts_results_first_then_settings():
     state = view_state(columns, "tags.kind = 'pipeline'", "metrics.`eval/win_rate_vs_sft`")
     assert state["selectedColumns"] == state["columnOrder"] == columns
     assert columns[0] == "metrics.`eval/win_rate_vs_sft`"
-    assert columns[-3:] == ["params.`ppo.lr`", "params.`ref.name`", "params.`ppo.kl_coef`"]
-    assert key_columns(["ppo.kl_coef"])[-2:] == ["params.`ppo.kl_coef`", "params.`ref.name`"]  # each once
+    assert columns[-4:] == ["params.`ppo.lr`", "params.`algo.name`", "params.`ref.name`", "params.`ppo.kl_coef`"]
+    assert key_columns(["ppo.kl_coef"])[-3:] == ["params.`ppo.kl_coef`", "params.`algo.name`", "params.`ref.name`"]
     assert set(state["columnWidths"]) == {c for c in columns if c.startswith("metrics.")}
     assert state["searchFilter"] == "tags.kind = 'pipeline'" and state["orderByAsc"] is False
 

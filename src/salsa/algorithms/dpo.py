@@ -88,8 +88,9 @@ class DPOModule(SeededModule):
             beta=config.beta, loss_type=config.loss_type,
             ignore=("actors", "ref_chosen", "ref_rejected", "config", "moving"),
         )  # fmt: skip
-        self.register_buffer("ref_chosen", ref_chosen, persistent=False)
-        self.register_buffer("ref_rejected", ref_rejected, persistent=False)
+        # plain CPU tensors, not buffers: DDP would broadcast buffers every step, and these were made in inference
+        # mode (a clone outside it is an ordinary tensor)
+        self.ref_chosen, self.ref_rejected = ref_chosen.clone().cpu(), ref_rejected.clone().cpu()
         self.strict_loading = False  # checkpoints hold only the trainable weights
         # ref.update: ema | sync — the reference then moves, and is scored per batch instead of once
         self.moving = moving if moving is not None and moving.moving else None
@@ -99,7 +100,8 @@ class DPOModule(SeededModule):
         hp = self.hparams
         policy_chosen, policy_rejected = answer_logprobs(self.model.policy_logits, batch).chunk(2)
         if self.moving is None:
-            ref_chosen, ref_rejected = self.ref_chosen[batch["index"]], self.ref_rejected[batch["index"]]
+            idx = batch["index"].cpu()
+            ref_chosen, ref_rejected = self.ref_chosen[idx].to(self.device), self.ref_rejected[idx].to(self.device)
         else:
             with torch.no_grad():
                 ref_chosen, ref_rejected = answer_logprobs(self.model.reference_logits, batch).float().chunk(2)
