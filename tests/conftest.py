@@ -46,6 +46,25 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared_logs")
 
 
+@pytest.fixture(scope="session")
+def upstream(shared_cache) -> Path:
+    """The shared log dir with base, SFT ingredients 0-2, soup3 and the RM at debug sizes built (once per session)."""
+    from salsa.infra.context import Context
+    from salsa.pipeline import run
+
+    cfg = make_cfg(shared_cache, "stage=rm")
+    run(cfg, Context.from_cfg(cfg))
+    return shared_cache
+
+
+def with_upstream(upstream: Path, log_dir: Path) -> Path:
+    """`log_dir` with a copy of the upstream stage cache, so a test builds only the stages it is about."""
+    import shutil
+
+    shutil.copytree(upstream / "cache", log_dir / "cache", ignore=shutil.ignore_patterns("*.lock"), dirs_exist_ok=True)
+    return log_dir
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA: skipped, with the reason, everywhere else."""
     import torch

@@ -16,7 +16,7 @@ from salsa.models.hf import load_causal_lm, load_tokenizer
 from salsa.pipeline import run
 from salsa.stages.group import build_group_actors
 from salsa.stages.ppo import build_actors
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, with_upstream
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +24,9 @@ GROUP = {"grpo": (GRPOModule, GRPOConfig), "rloo": (RLOOModule, RLOOConfig)}
 
 
 @pytest.fixture(scope="module")
-def stages(shared_cache):
+def stages(upstream):
     """Base, SFT ingredients 0-2, soup3 and RM at debug sizes (built once per test session)."""
-    cfg = make_cfg(shared_cache, "stage=rm")
+    cfg = make_cfg(upstream, "stage=rm")
     ctx = Context.from_cfg(cfg)
     run(cfg, ctx)
     by_stage = {}
@@ -166,7 +166,8 @@ def test_dpo_sequence_logprobs_cover_answers_only(stages):
 # ---------------------------------------------------------------------------------------------------------------
 # The pipeline: every algorithm with the cached stages, judged like PPO
 # ---------------------------------------------------------------------------------------------------------------
-def test_each_algorithm_runs_end_to_end_and_reuses_the_shared_stages(tmp_path):
+def test_each_algorithm_runs_end_to_end_and_reuses_the_shared_stages(upstream, tmp_path):
+    with_upstream(upstream, tmp_path)
     built = {}
     for algo in ("dpo", "grpo", "rloo"):
         cfg = make_cfg(tmp_path, f"algo={algo}", "ref=soup3")
@@ -179,8 +180,7 @@ def test_each_algorithm_runs_end_to_end_and_reuses_the_shared_stages(tmp_path):
         policies = [e for e in ctx.entries if e.stage == algo]
         assert len(policies) == 2 and not any(e.stage == "ppo" for e in ctx.entries)
         built[algo] = {e.stage for e in ctx.entries if not e.reused}
-    assert {"sft", "soup", "rm"} <= built["dpo"]  # the first run builds the shared stages ...
-    for algo in ("grpo", "rloo"):  # ... and the others reuse them
+    for algo in ("dpo", "grpo", "rloo"):  # every algorithm reuses the cached SFT ingredients, soup and RM
         assert built[algo] == {algo, "eval"}, algo
     # DPO keeps the reference's log-probabilities of every pair with its stage, and its held-out pair metrics
     (dpo,) = [p for p in (tmp_path / "cache" / "dpo").iterdir() if p.is_dir() and "." not in p.name][:1]
@@ -201,7 +201,7 @@ class Stopped(Exception):
     [("grpo", ()), ("dpo", ()), ("grpo", ("ref.update=ema", "ref.ema_rate=0.5"))],
     ids=["grpo", "dpo", "grpo-moving-reference"],
 )
-def test_interrupted_run_resumes_to_the_same_policy(algo, moving, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_policy(algo, moving, upstream, tmp_path, monkeypatch):
     """A build that dies after its first checkpoint resumes from it (DPO without scoring the reference again; a
     moving reference as it had moved) and publishes the same policy as an uninterrupted one."""
     from safetensors.torch import load_file
@@ -212,7 +212,7 @@ def test_interrupted_run_resumes_to_the_same_policy(algo, moving, tmp_path, monk
 
     every = {"grpo": ("grpo.iterations=3", "grpo.ckpt_every=1"), "dpo": ("dpo.ckpt_every=1",)}[algo]
     args = ("stage=ppo", f"algo={algo}", "ref=soup3", *every, *moving)
-    cfg = make_cfg(tmp_path / "straight", *args)
+    cfg = make_cfg(with_upstream(upstream, tmp_path / "straight"), *args)
     run(cfg, Context.from_cfg(cfg))
 
     original = training.AtomicLastCheckpoint.on_train_epoch_end
@@ -222,7 +222,7 @@ def test_interrupted_run_resumes_to_the_same_policy(algo, moving, tmp_path, monk
         if trainer.current_epoch == 0 and f"/{algo}/" in str(self.dirpath):
             raise Stopped  # as if the process died here
 
-    cfg2 = make_cfg(tmp_path / "resumed", *args)
+    cfg2 = make_cfg(with_upstream(upstream, tmp_path / "resumed"), *args)
     monkeypatch.setattr(training.AtomicLastCheckpoint, "on_train_epoch_end", dies_after_first_checkpoint)
     with pytest.raises(Stopped):
         run(cfg2, Context.from_cfg(cfg2))

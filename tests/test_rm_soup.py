@@ -7,13 +7,13 @@ from safetensors.torch import load_file
 from salsa.infra.context import Context
 from salsa.pipeline import run
 from salsa.stages.rm import run_rm_soup
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, with_upstream
 
 pytestmark = pytest.mark.slow
 
 
-def test_rm_soup_trains_members_and_reports_each(tmp_path):
-    cfg = make_cfg(tmp_path, "rm=soup", "stage=rm")
+def test_rm_soup_trains_members_and_reports_each(upstream, tmp_path):
+    cfg = make_cfg(with_upstream(upstream, tmp_path), "rm=soup", "stage=rm")
     ctx = Context.from_cfg(cfg)
     results = run(cfg, ctx)
     members = [e for e in ctx.entries if e.stage == "rm"]
@@ -35,8 +35,8 @@ def test_rm_soup_trains_members_and_reports_each(tmp_path):
         torch.testing.assert_close(v, sum(w[k] for w in weights) / 3, rtol=1e-6, atol=1e-7)
 
 
-def test_a_soup_of_identical_reward_models_is_that_model(tmp_path):
-    cfg = make_cfg(tmp_path, "stage=rm")
+def test_a_soup_of_identical_reward_models_is_that_model(upstream, tmp_path):
+    cfg = make_cfg(with_upstream(upstream, tmp_path), "stage=rm")
     ctx = Context.from_cfg(cfg)
     run(cfg, ctx)
     (rm,) = [e for e in ctx.entries if e.stage == "rm"]

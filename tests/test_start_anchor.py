@@ -8,7 +8,7 @@ import torch
 from salsa.functional import ema_update, reference_rate
 from salsa.infra.context import Context
 from salsa.pipeline import run
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, with_upstream
 
 
 def test_ema_update_and_when_a_reference_moves_by_hand():
@@ -22,7 +22,8 @@ def test_ema_update_and_when_a_reference_moves_by_hand():
 
 
 @pytest.mark.slow
-def test_init_and_ref_compose_into_four_distinct_policies(tmp_path):
+def test_init_and_ref_compose_into_four_distinct_policies(upstream, tmp_path):
+    with_upstream(upstream, tmp_path)
     keys = {}
     for init in ("sft", "soup3"):
         for ref in ("sft", "soup3"):
@@ -46,14 +47,14 @@ def test_init_and_ref_compose_into_four_distinct_policies(tmp_path):
         assert [e for e in ctx.entries if e.stage == "ppo"][0].key == keys[(same, same)]
 
 
-def _group_run(tmp_path, *overrides):
+def _group_run(upstream, tmp_path, *overrides):
     """GRPO from the soup against the soup at debug sizes, returning the module after training."""
     from salsa.algorithms.grpo import GRPOConfig, GRPOModule
     from salsa.algorithms.reference import MovingReference
     from salsa.models.hf import load_tokenizer
     from salsa.stages.group import build_group_actors
 
-    cfg = make_cfg(tmp_path, "stage=rm", *overrides)
+    cfg = make_cfg(with_upstream(upstream, tmp_path), "stage=rm", *overrides)
     ctx = Context.from_cfg(cfg)
     run(cfg, ctx)
     soup = [e for e in ctx.entries if e.stage == "soup"][0]
@@ -72,8 +73,8 @@ def _group_run(tmp_path, *overrides):
 
 
 @pytest.mark.slow
-def test_sync_at_step_tau_makes_the_reference_the_policy(tmp_path):
-    ctx, module = _group_run(tmp_path, "ref.update=sync", "ref.sync_every=2")
+def test_sync_at_step_tau_makes_the_reference_the_policy(upstream, tmp_path):
+    ctx, module = _group_run(upstream, tmp_path, "ref.update=sync", "ref.sync_every=2")
     before = {k: v.clone() for k, v in module.actors.reference.state_dict().items()}
     moved = []
     real = module.moving.after_step
@@ -87,8 +88,8 @@ def test_sync_at_step_tau_makes_the_reference_the_policy(tmp_path):
 
 
 @pytest.mark.slow
-def test_ema_moves_the_reference_by_its_rate_after_each_step(tmp_path):
-    ctx, module = _group_run(tmp_path, "ref.update=ema", "ref.ema_rate=0.25")
+def test_ema_moves_the_reference_by_its_rate_after_each_step(upstream, tmp_path):
+    ctx, module = _group_run(upstream, tmp_path, "ref.update=ema", "ref.ema_rate=0.25")
     module.config.num_minibatches = 1  # one optimizer step: reference = 0.75 · start + 0.25 · trained policy
     start = {k: v.clone() for k, v in module.actors.reference.state_dict().items()}
     ctx.trainer(tmp_path / "w", None, max_epochs=1, logger=False).fit(module)
