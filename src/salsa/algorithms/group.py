@@ -16,7 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from salsa.algorithms.ppo import _OneBatch, iteration_prompts
+from salsa.algorithms.ppo import _OneBatch, iteration_prompts, minibatches
 from salsa.algorithms.reference import MovingReference, keep_trainable
 from salsa.config import GroupConfig
 from salsa.data.task import judge_answers
@@ -105,27 +105,21 @@ class GroupModule(pl.LightningModule):
     def update(self, batch: dict, prompt_len: int, iteration: int) -> dict[str, torch.Tensor]:
         c = self.config
         opt = self.optimizers()
-        n = batch["sequences"].size(0)
-        size = n // c.num_minibatches
-        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + iteration)
-        orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(c.epochs)]).to(self.device)
         totals: dict[str, list[torch.Tensor]] = {}
-        for order in orders:
-            for start in range(0, n, size):
-                mb = {k: v[order[start : start + size]] for k, v in batch.items()}
-                logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
-                logp, token_entropy = logprobs_and_entropy(logits, mb["response"])
-                loss, stats = self.loss(logp, mb)
-                opt.zero_grad()
-                self.manual_backward(loss)
-                self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
-                if self.moving is not None:
-                    self.moving.after_step(self.global_step)
-                with torch.no_grad():
-                    stats = {"loss": loss, "entropy": masked_mean(token_entropy, mb["mask"]), **stats}
-                for k, v in stats.items():
-                    totals.setdefault(f"{self.name}/{k}", []).append(v.detach())
+        for mb in minibatches(batch, c.num_minibatches, c.epochs, c.seed, iteration, self.device):
+            logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
+            logp, token_entropy = logprobs_and_entropy(logits, mb["response"])
+            loss, stats = self.loss(logp, mb)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            if self.moving is not None:
+                self.moving.after_step(self.global_step)
+            with torch.no_grad():
+                stats = {"loss": loss, "entropy": masked_mean(token_entropy, mb["mask"]), **stats}
+            for k, v in stats.items():
+                totals.setdefault(f"{self.name}/{k}", []).append(v.detach())
         means = {k: torch.stack(v).mean() for k, v in totals.items()}
         check_finite({f"{self.name}/loss": means[f"{self.name}/loss"]}, iteration, "iteration")
         return means

@@ -48,6 +48,19 @@ def iteration_prompts(n_prompts: int, batch_size: int, seed: int, iteration: int
     return idx[rank * batch_size : (rank + 1) * batch_size].tolist()
 
 
+def minibatches(batch: dict, num_minibatches: int, epochs: int, seed: int, iteration: int, device):
+    """`epochs` passes over a rollout's rows in `num_minibatches` minibatches, each pass in a fresh order that is a
+    function of (seed, iteration) (resumable). Every order is drawn up front and moved in one copy: no host-device
+    transfer inside the update loop."""
+    n = batch["sequences"].size(0)
+    size = n // num_minibatches
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(epochs)]).to(device)
+    for order in orders:
+        for start in range(0, n, size):
+            yield {k: v[order[start : start + size]] for k, v in batch.items()}
+
+
 class _OneBatch(torch.utils.data.Dataset):
     """One item per epoch: the module picks the iteration's prompts itself (see `iteration_prompts`)."""
 
@@ -135,32 +148,25 @@ class PPOModule(pl.LightningModule):
     def update(self, batch: dict, prompt_len: int, iteration: int) -> dict[str, torch.Tensor]:
         c = self.config
         opt = self.optimizers()
-        n = batch["sequences"].size(0)
-        size = n // c.num_minibatches
-        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + iteration)
-        # every epoch's order drawn up front and moved in one copy: no host-device transfer inside the loop
-        orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(c.ppo_epochs)]).to(self.device)
         totals: dict[str, list[torch.Tensor]] = {}
-        for order in orders:
-            for start in range(0, n, size):
-                mb = {k: v[order[start : start + size]] for k, v in batch.items()}
-                logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
-                logp, token_entropy = logprobs_and_entropy(logits, mb["response"])  # one log-softmax for both
-                values = self.actors.values(mb["sequences"], mb["attention_mask"], prompt_len)
-                pg_loss, pg_stats = ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip)
-                vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], c.value_clip)
-                loss = pg_loss + c.vf_coef * vf_loss
-                opt.zero_grad()
-                self.manual_backward(loss)
-                self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
-                if self.moving is not None:
-                    self.moving.after_step(self.global_step)
-                with torch.no_grad():
-                    entropy = masked_mean(token_entropy, mb["mask"])
-                step = {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/entropy": entropy}
-                for k, v in {**step, **pg_stats, **vf_stats}.items():
-                    totals.setdefault(k if k.startswith("ppo/") else f"ppo/{k}", []).append(v.detach())
+        for mb in minibatches(batch, c.num_minibatches, c.ppo_epochs, c.seed, iteration, self.device):
+            logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
+            logp, token_entropy = logprobs_and_entropy(logits, mb["response"])  # one log-softmax for both
+            values = self.actors.values(mb["sequences"], mb["attention_mask"], prompt_len)
+            pg_loss, pg_stats = ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip)
+            vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], c.value_clip)
+            loss = pg_loss + c.vf_coef * vf_loss
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            if self.moving is not None:
+                self.moving.after_step(self.global_step)
+            with torch.no_grad():
+                entropy = masked_mean(token_entropy, mb["mask"])
+            step = {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/entropy": entropy}
+            for k, v in {**step, **pg_stats, **vf_stats}.items():
+                totals.setdefault(k if k.startswith("ppo/") else f"ppo/{k}", []).append(v.detach())
         means = {k: torch.stack(v).mean() for k, v in totals.items()}
         check_finite({k: means[k] for k in ("ppo/policy_loss", "ppo/value_loss")}, iteration, "iteration")
         return means
