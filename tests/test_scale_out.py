@@ -99,3 +99,62 @@ def test_plan_sampler_gives_every_process_rows(world, monkeypatch):
     covered = sorted(i for s in served for batch in s for i in batch)
     expected = sorted(i for b in plan if len(b) >= world for i in b)
     assert covered == expected
+
+
+@pytest.fixture
+def fake_deepspeed(monkeypatch):
+    """Enough of the `deepspeed` package for Lightning to build its strategy object (the engine is never started)."""
+    import logging
+    import sys
+    import types
+
+    import pytorch_lightning.strategies.deepspeed as lds
+
+    module = types.ModuleType("deepspeed")
+    module.__version__ = "0.16.0"
+    module.utils = types.SimpleNamespace(logging=types.SimpleNamespace(logger=logging.getLogger("fake-deepspeed")))
+    monkeypatch.setitem(sys.modules, "deepspeed", module)
+    monkeypatch.setattr(lds, "_DEEPSPEED_AVAILABLE", True)
+    monkeypatch.setattr(lds, "_DEEPSPEED_GREATER_EQUAL_0_16", True, raising=False)
+
+
+@pytest.mark.parametrize("name", ["deepspeed", "deepspeed_stage_2"])
+def test_deepspeed_engine_clips_to_the_algorithms_max_grad_norm(fake_deepspeed, name):
+    from types import SimpleNamespace
+
+    from salsa.infra.distributed import deepspeed_strategy
+
+    strategy = deepspeed_strategy(name, 0.7)
+    assert strategy.config["zero_optimization"]["stage"] == 2
+    # what Lightning does when it formats the engine's config: without our value it would write trainer's 0.0
+    trainer = SimpleNamespace(accumulate_grad_batches=1, gradient_clip_val=None)
+    strategy._lightning_module = SimpleNamespace(trainer=trainer)
+    strategy.config["train_micro_batch_size_per_gpu"] = 1
+    strategy._format_batch_size_and_grad_accum_config()
+    assert strategy.config["gradient_clipping"] == 0.7
+
+
+def test_online_stages_hand_their_clip_to_a_deepspeed_trainer(tmp_path, fake_deepspeed, monkeypatch):
+    """`ctx.trainer(clip_norm=...)` builds the DeepSpeed strategy with the clip; other strategies ignore it."""
+    from types import SimpleNamespace
+
+    import hydra
+
+    tracker = SimpleNamespace(lightning_logger=lambda run_id: False)
+    built = {}
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda cfg, **kw: built.update(kw) or [])
+    cfg = make_cfg(tmp_path, "trainer=deepspeed", "logger=none")
+    ctx = Context(cfg, None, tracker)
+    ctx.trainer(tmp_path, None, clip_norm=float(cfg.ppo.max_grad_norm), logger=False)
+    assert built["strategy"].config["gradient_clipping"] == cfg.ppo.max_grad_norm
+    built.clear()
+    ctx = Context(make_cfg(tmp_path, "trainer=ddp", "logger=none"), None, tracker)
+    ctx.trainer(tmp_path, None, clip_norm=1.0, logger=False)
+    assert "strategy" not in built and "clip_norm" not in built
+
+
+def test_deepspeed_strategy_refuses_other_names():
+    from salsa.infra.distributed import deepspeed_strategy
+
+    with pytest.raises(ValueError, match="not one of Lightning's DeepSpeed"):
+        deepspeed_strategy("ddp", 1.0)

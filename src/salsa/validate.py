@@ -157,6 +157,9 @@ def check_strategy(cfg: DictConfig) -> None:
         raise ConfigError(
             "trainer.strategy", f"{strategy} cannot shard a 4-bit base: QLoRA runs use trainer=ddp (one base per GPU)"
         )
+    if "deepspeed" in strategy:
+        log.warning("trainer.strategy=%s runs on GPUs only and has not been tested on them by this project (its "
+                    "engine config is: README, Scale-out)", strategy)  # fmt: skip
     stage = cfg.get("stage")
     if stage not in STAGES or STAGES.index(stage) < STAGES.index("ppo"):
         return

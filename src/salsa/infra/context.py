@@ -18,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from salsa.data.task import TaskData
 from salsa.infra.cache import MANIFEST, Entry, StageCache, stage_key
-from salsa.infra.distributed import barrier, broadcast_from_zero, connected, is_global_zero, rank_name
+from salsa.infra.distributed import (
+    barrier,
+    broadcast_from_zero,
+    connected,
+    deepspeed_strategy,
+    is_global_zero,
+    rank_name,
+)
 from salsa.infra.tracking import Tracker
 from salsa.infra.training import CKPT_DIR
 
@@ -143,7 +150,13 @@ class Context:
     def trainer(self, work: Path, run_id: str | None, **overrides: Any) -> pl.Trainer:
         """A Lightning Trainer from `cfg.trainer`, writing into the stage's work dir and its MLflow child run.
 
-        A stage's own `callbacks` join those of the config (the progress bar) rather than replace them."""
+        A stage's own `callbacks` join those of the config (the progress bar) rather than replace them.
+        `clip_norm` is the gradient-norm clip of a manually optimised stage: under DeepSpeed the engine applies it
+        (see `deepspeed_strategy`); elsewhere the module clips by itself and it is ignored here."""
+        clip_norm = overrides.pop("clip_norm", None)
+        strategy = self.cfg.trainer.get("strategy")
+        if clip_norm is not None and isinstance(strategy, str) and "deepspeed" in strategy:
+            overrides["strategy"] = deepspeed_strategy(strategy, clip_norm)
         overrides.setdefault("logger", self.tracker.lightning_logger(run_id))
         configured = list(hydra.utils.instantiate(self.cfg.trainer.get("callbacks") or []))
         overrides["callbacks"] = [*configured, *overrides.get("callbacks", [])]

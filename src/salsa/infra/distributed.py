@@ -42,3 +42,21 @@ def broadcast_from_zero(value: Any = None) -> Any:
 def barrier() -> None:
     if connected():
         dist.barrier()
+
+
+def deepspeed_strategy(name: str, clip_norm: float):
+    """Lightning's DeepSpeed strategy `name` (`deepspeed`, `deepspeed_stage_2`, ...) with its engine clipping the
+    gradient norm to `clip_norm`.
+
+    PPO, GRPO and RLOO optimise manually, so they cannot hand the Trainer a clip value, and their own
+    `clip_gradients` call is a no-op under DeepSpeed (the engine steps the optimizer). Left alone, Lightning would
+    write `gradient_clipping: 0.0` into the engine's config and train without clipping; a value already in the
+    config is kept, so this one is."""
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    if name not in StrategyRegistry or "deepspeed" not in name:
+        raise ValueError(f"{name!r} is not one of Lightning's DeepSpeed strategies")
+    entry = StrategyRegistry[name]
+    strategy = entry["strategy"](**entry["init_params"])
+    strategy.config["gradient_clipping"] = float(clip_norm)
+    return strategy

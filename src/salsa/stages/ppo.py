@@ -120,7 +120,7 @@ def run_online(
             run_id, {"ref": ref_name, "algo": group, "reference_key": reference.key, "policy_init": policy_init.key}
         )
         fit_resumable(
-            partial(ctx.trainer, work, run_id),
+            partial(ctx.trainer, work, run_id, clip_norm=float(module.config.max_grad_norm)),
             module,
             work,
             f"{group} {ref_name}",
