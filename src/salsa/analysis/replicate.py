@@ -55,11 +55,29 @@ class Job:
     answers: pd.DataFrame  # generations.csv: prompt, model (policy | sft | ppo = the ref=sft baseline), ..., gold
     history: dict[str, list[tuple[int, float]]]  # the policy's iterations (history.csv; none for DPO)
     algo: str = "ppo"
+    start: str = ""  # where the policy started: a `ref=`/`init=` name (sft, soup3, ...); "" = as `ref=` says
+    update: str = "frozen"  # ref.update
+    rm: str = "default"  # the reward model: one (default) or a soup of N (soupN)
 
     def gold(self, model: str, samples_per_prompt: int) -> np.ndarray:
         """Gold rewards of `model`'s answers as (prompts, samples per prompt)."""
         values = self.answers.loc[self.answers["model"] == model, "gold_reward"].to_numpy(dtype=float)
         return values.reshape(-1, samples_per_prompt)
+
+
+def run_design(cfg) -> dict[str, str]:
+    """A run's start, reference update and reward model, as `Job` records them (older sweeps lack the options: their
+    defaults then)."""
+    ref, init = cfg.ref, cfg.get("init") or {"name": "ref"}
+    if init.get("name", "ref") != "ref":
+        start = str(init["name"])
+    elif str(ref.get("policy_init", "ref")) == "ref":
+        start = str(ref.name)
+    else:  # ref=other: an SFT ingredient (0)
+        start = "sft" if int(ref.policy_init) == 0 else f"sft{int(ref.policy_init)}"
+    members = int((cfg.get("rm") or {}).get("members", 1))
+    return {"start": start, "update": str(ref.get("update", "frozen")), "rm": "default" if members == 1 else
+            f"soup{members}"}  # fmt: skip
 
 
 def load_jobs(sweep_dir: str | Path) -> tuple[list[Job], int]:
@@ -85,6 +103,7 @@ def load_jobs(sweep_dir: str | Path) -> tuple[list[Job], int]:
                 answers=pd.read_csv(evaluation.path / "generations.csv"),
                 history=read_history(policy.path / HISTORY),
                 algo=algo,
+                **run_design(cfg),
             )
         )
     if len(per_prompt) > 1:
