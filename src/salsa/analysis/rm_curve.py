@@ -1,0 +1,215 @@
+"""Why does the reward model reach the held-out accuracy it does? Its learning curve on the embedded task.
+
+Trains reward models exactly as the `rm` stage does (same dataset, module, loss, optimizer and schedule), from a
+given start checkpoint, while one setting at a time varies from `conf/rm/default.yaml`: the number of training pairs
+(more pairs drawn from the same generator, so smaller sets are prefixes of larger ones), the passes over them, the
+learning rate, and the start (the pretrained base, an SFT model, a wider or deeper base). Each model is scored on the
+task's held-out pairs: accuracy against the noisy raters' labels and agreement with the gold reward, beside the
+ceiling a perfect judge of the gold would reach against those labels.
+
+    python -m salsa.analysis.rm_curve --start base=logs/cache/base/<key> --out results/rm
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from salsa.config import CONF_DIR
+from salsa.data.synthetic import Pair, SyntheticTask
+from salsa.models.hf import load_reward_model, load_tokenizer, num_parameters
+from salsa.stages.lm import planned_loader
+from salsa.stages.rm import PairDataset, RewardModule, pair_batch
+
+DEFAULTS = CONF_DIR / "rm" / "default.yaml"
+
+
+@dataclass
+class Point:
+    start: str
+    parameters: int
+    pairs: int
+    epochs: int
+    lr: float
+    seed: int
+    steps: int
+    train_accuracy: float  # on the training pairs' labels (end of training)
+    accuracy: float  # held-out pairs, against the raters' labels
+    gold_agreement: float  # held-out pairs, against the sign of the gold margin
+    seconds: float
+    labels: str = "raters"  # what the model was trained on: the raters' labels, or the gold reward's preferences
+
+
+def gold_labelled(pair: Pair) -> Pair:
+    """The pair with the gold reward's preference as its label (chosen = the higher gold reward)."""
+    if pair.gold_margin >= 0:
+        return pair
+    return Pair(pair.prompt, pair.rejected, pair.chosen, pair.rejected_ended, pair.chosen_ended, -pair.gold_margin)
+
+
+def label_ceiling(pairs: list[Pair], temperature: float = 1.0) -> float:
+    """Expected accuracy against the raters' labels of a judge that always prefers the higher gold reward: a rater
+    agrees with the gold with probability σ(|margin| / temperature)."""
+    return statistics.fmean(1.0 / (1.0 + math.exp(-abs(p.gold_margin) / temperature)) for p in pairs)
+
+
+@torch.no_grad()
+def pair_accuracy(model, dataset: PairDataset, pad_id: int, batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy against the labels, agreement with the gold margin's sign) of `model` on `dataset`."""
+    model.eval()
+    module = RewardModule(model, lr=0.0)
+    hits = agree = n = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=partial(pair_batch, pad_id=pad_id)):
+        chosen, rejected = module(batch)
+        hits += int((chosen > rejected).sum())
+        agree += int(((chosen > rejected) == (batch["gold_margin"] > 0)).sum())
+        n += chosen.numel()
+    return hits / n, agree / n
+
+
+def train_point(
+    start: str, path: Path, pairs: list[Pair], val: list[Pair], hp, seed: int, labels: str = "raters"
+) -> Point:
+    """One reward model, trained the way the `rm` stage trains it."""
+    t0 = time.perf_counter()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    tok = load_tokenizer(path)
+    model = load_reward_model(path)
+    model.config.pad_token_id = tok.pad_token_id
+    model.train()
+    train = PairDataset(tok, pairs, hp.max_prompt_length, hp.max_response_length)
+    loader = planned_loader(train, hp, partial(pair_batch, pad_id=tok.pad_token_id), seed)
+    steps = len(loader.batch_sampler.plan)
+    module = RewardModule(
+        model, hp.lr, hp.center_coef, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps, total_steps=steps,
+        seed=seed,
+    )  # fmt: skip
+    trainer = pl.Trainer(  # the plan is served `ckpt_every` batches per Lightning epoch, as in the stage
+        accelerator="cpu", devices=1, max_epochs=loader.batch_sampler.num_chunks, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    train_acc, _ = pair_accuracy(model, train, tok.pad_token_id)
+    held = PairDataset(tok, val, hp.max_prompt_length, hp.max_response_length)
+    acc, gold = pair_accuracy(model, held, tok.pad_token_id)
+    return Point(
+        start, num_parameters(model), len(pairs), int(hp.epochs), float(hp.lr), seed, steps, train_acc, acc, gold,
+        time.perf_counter() - t0, labels,
+    )  # fmt: skip
+
+
+def grid(default_pairs: int, sizes: list[int], lrs: list[float], epochs: list[int], starts: list[str]):
+    """(start, pairs, epochs, lr) of every point: each axis varied alone around the default."""
+    base = starts[0]
+    seen = []
+    for n in sizes:
+        seen.append((base, n, 1, None))
+    for e in epochs:
+        seen.append((base, default_pairs, e, None))
+    for lr in lrs:
+        seen.append((base, default_pairs, 1, lr))
+    for s in starts[1:]:
+        seen.append((s, default_pairs, 1, None))
+    return list(dict.fromkeys(seen))
+
+
+def read_points(out: Path) -> tuple[list[Point], list[str]]:
+    """The points and commands of an earlier study in `out` (none if there is none)."""
+    if not (out / "rm_curve.csv").is_file():
+        return [], []
+    types = {f: t for f, t in Point.__annotations__.items()}
+    points = []
+    with open(out / "rm_curve.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            points.append(Point(**{k: {"int": int, "float": float}.get(types[k], str)(v) for k, v in row.items()}))
+    commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").is_file() else []
+    return points, commands
+
+
+def write_report(points: list[Point], ceiling: float, rater_gold: float, out: Path, commands: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "commands.txt").write_text("".join(c + "\n" for c in commands))
+    with open(out / "rm_curve.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
+        w.writeheader()
+        for p in points:
+            w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(p).items()})
+    lines = [
+        "# Reward-model learning curve (embedded task)",
+        "",
+        *(f"    {c}" for c in commands),
+        "",
+        f"Held-out pairs: a judge that always prefers the higher gold reward would reach **{ceiling:.3f}** accuracy",
+        f"against the raters' labels; the raters themselves agree with the gold on {rater_gold:.3f} of them.",
+        "",
+        "| start | parameters | labels | pairs | epochs | lr | seed | steps | train acc. | held-out acc. "
+        "| gold agreement | s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p.start} | {p.parameters:,} | {p.labels} | {p.pairs} | {p.epochs} | {p.lr:g} | {p.seed} | {p.steps} | "
+            f"{p.train_accuracy:.3f} | {p.accuracy:.3f} | {p.gold_agreement:.3f} | {p.seconds:.0f} |"
+        )
+    (out / "rm_curve.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--start", action="append", required=True, metavar="NAME=PATH",
+                    help="a start checkpoint (the first one is varied along every axis); repeat for more")  # fmt: skip
+    ap.add_argument("--sizes", default="750,1500,3000,6000,12000,24000", help="training pairs")
+    ap.add_argument("--epochs", default="2,4", help="passes over the default number of pairs")
+    ap.add_argument("--lrs", default="3e-4,3e-3", help="learning rates tried at the default number of pairs")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate of every point that does not vary it "
+                    "(default: conf/rm/default.yaml's)")  # fmt: skip
+    ap.add_argument("--seeds", default="0", help="reward-model seeds (each point is trained once per seed)")
+    ap.add_argument("--task-seed", type=int, default=0)
+    ap.add_argument("--labels", choices=("raters", "gold"), default="raters",
+                    help="the raters' noisy labels, or noise-free ones (the higher gold reward wins)")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=Path("results/rm"))
+    ap.add_argument("--append", action="store_true", help="add the points to the study already in --out")
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    defaults = OmegaConf.load(DEFAULTS)
+    if args.lr is not None:
+        defaults.lr = args.lr
+    starts = dict(s.split("=", 1) for s in args.start)
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    task = SyntheticTask(args.task_seed)
+    pool = task.preference_pairs(max(sizes + [3000]), "train")
+    if args.labels == "gold":
+        pool = [gold_labelled(p) for p in pool]
+    val = task.preference_pairs(500, "val")
+    points, commands = read_points(args.out) if args.append else ([], [])
+    commands.append("python -m salsa.analysis.rm_curve " + " ".join(argv))
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        plan = grid(3000, sizes, [float(x) for x in args.lrs.split(",") if x],
+                    [int(x) for x in args.epochs.split(",") if x], list(starts))  # fmt: skip
+        for start, n, epochs, lr in plan:
+            hp = OmegaConf.merge(defaults, {"epochs": epochs, **({"lr": lr} if lr else {})})
+            p = train_point(start, Path(starts[start]), pool[:n], val, hp, int(defaults.seed) + seed, args.labels)
+            print(f"{p.start:>10} pairs {p.pairs:>6} epochs {p.epochs} lr {p.lr:g} seed {p.seed}: "
+                  f"train {p.train_accuracy:.3f} held-out {p.accuracy:.3f} gold {p.gold_agreement:.3f} "
+                  f"({p.seconds:.0f} s)", flush=True)  # fmt: skip
+            points.append(p)
+            rater_gold = statistics.fmean(p.gold_margin > 0 for p in val)
+            write_report(points, label_ceiling(val), rater_gold, args.out, commands)
+
+
+if __name__ == "__main__":
+    main()

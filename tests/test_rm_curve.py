@@ -1,0 +1,50 @@
+"""The reward-model study trains reward models the way the `rm` stage does."""
+
+import math
+
+import hydra
+import pytest
+
+from salsa.analysis.rm_curve import gold_labelled, grid, label_ceiling, train_point
+from salsa.data.synthetic import Pair
+from salsa.infra.cache import StageCache
+from tests.conftest import make_cfg
+
+
+def test_label_ceiling_is_the_mean_rater_agreement_with_the_gold():
+    pairs = [Pair("p", "a", "b", gold_margin=0.0), Pair("p", "a", "b", gold_margin=-math.log(3))]
+    # σ(0) = 1/2; σ(log 3) = 3/4 (a rater picks the higher gold reward with that probability, whichever is chosen)
+    assert label_ceiling(pairs) == pytest.approx((0.5 + 0.75) / 2)
+    assert label_ceiling([Pair("p", "a", "b", gold_margin=2.0)], temperature=2.0) == pytest.approx(1 / (1 + math.e**-1))
+
+
+def test_gold_labels_put_the_higher_gold_reward_first():
+    flipped = gold_labelled(Pair("p", "worse", "better", True, False, gold_margin=-1.5))
+    assert (flipped.chosen, flipped.rejected, flipped.chosen_ended, flipped.rejected_ended) == (
+        "better", "worse", False, True,
+    )  # fmt: skip
+    assert flipped.gold_margin == 1.5
+    kept = Pair("p", "better", "worse", gold_margin=0.5)
+    assert gold_labelled(kept) is kept
+
+
+def test_grid_varies_one_axis_at_a_time_around_the_default():
+    points = grid(3000, [1000, 3000], [3e-4], [2], ["base", "sft"])
+    assert points == [
+        ("base", 1000, 1, None), ("base", 3000, 1, None), ("base", 3000, 2, None), ("base", 3000, 1, 3e-4),
+        ("sft", 3000, 1, None),
+    ]  # fmt: skip
+
+
+def test_a_study_point_reproduces_the_rm_stage(upstream):
+    """Same base, pairs, settings and seed as the pipeline's reward model: the same held-out accuracy and agreement."""
+    cfg = make_cfg(upstream, "stage=rm")
+    cache = StageCache(cfg.paths.cache_dir)
+    (rm_dir,) = [p for p in (cache.root / "rm").iterdir() if p.is_dir() and "." not in p.name]
+    rm = cache.lookup("rm", rm_dir.name)
+    base = cache.lookup("base", rm.manifest["spec"]["base"])
+    data = hydra.utils.instantiate(cfg.data.task, _convert_="all")
+    point = train_point("base", base.path, data.pairs_train, data.pairs_val, cfg.rm, int(cfg.rm.seed))
+    assert point.pairs == len(data.pairs_train)
+    assert point.accuracy == pytest.approx(rm.manifest["metrics"]["accuracy"], abs=1e-6)
+    assert point.gold_agreement == pytest.approx(rm.manifest["metrics"]["gold_agreement"], abs=1e-6)
