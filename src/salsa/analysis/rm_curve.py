@@ -129,7 +129,7 @@ def read_points(out: Path) -> tuple[list[Point], list[str]]:
     """The points and commands of an earlier study in `out` (none if there is none)."""
     if not (out / "rm_curve.csv").is_file():
         return [], []
-    types = {f: t for f, t in Point.__annotations__.items()}
+    types = dict(Point.__annotations__)
     points = []
     with open(out / "rm_curve.csv", newline="") as f:
         for row in csv.DictReader(f):
