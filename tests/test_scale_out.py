@@ -1,4 +1,6 @@
-"""Scale-out configs: DDP/FSDP/DeepSpeed trainers, the SLURM launcher, which process is rank 0."""
+"""Scale-out configs: DDP/FSDP/FSDP2/DeepSpeed trainers, the SLURM launcher, which process is rank 0."""
+
+from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -18,12 +20,99 @@ def test_trainer_strategies(tmp_path, trainer, strategy):
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
 
 
-def test_qlora_refuses_sharded_strategies(tmp_path):
+@pytest.mark.parametrize("trainer", ["fsdp", "fsdp2", "deepspeed"])
+def test_qlora_refuses_sharded_strategies(tmp_path, trainer):
     from salsa.validate import check_strategy
 
-    cfg = make_cfg(tmp_path, "model=gemma2b", "model.name_or_path=/nowhere", "trainer=fsdp", "logger=none")
+    cfg = make_cfg(tmp_path, "model=gemma2b", "model.name_or_path=/nowhere", f"trainer={trainer}", "logger=none")
     with pytest.raises(ValueError, match="cannot shard a 4-bit base"):
         check_strategy(cfg)
+
+
+def test_fsdp2_is_lightnings_model_parallel_strategy(tmp_path):
+    """trainer=fsdp2: every process one data-parallel replica (no tensor parallelism), resume checkpoints in one file
+    (what `AtomicLastCheckpoint` renames into place and `checkpoint_position` reads)."""
+    import hydra
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    from salsa.config import strategy_name, world_size
+
+    cfg = make_cfg(tmp_path, "trainer=fsdp2", "trainer.devices=4")
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (4, 1)
+    assert strategy._save_distributed_checkpoint is False
+    assert strategy_name(cfg.trainer) == "fsdp2" and world_size(cfg.trainer) == 4
+    assert [strategy_name(make_cfg(tmp_path, f"trainer={t}").trainer) for t in ("default", "ddp", "fsdp")] == [
+        "", "ddp", "fsdp",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("stage=sft",), ("stage=rm",), ("algo=ppo",), ("algo=grpo",), ("algo=rloo",), ("algo=dpo",), ("ref.update=ema",),
+     ("trainer.num_nodes=2", "trainer.strategy.data_parallel_size=4")],
+)  # fmt: skip
+def test_fsdp2_runs_every_stage_of_the_embedded_model(tmp_path, overrides):
+    from salsa.validate import check_strategy
+
+    check_strategy(make_cfg(tmp_path, "trainer=fsdp2", *overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("model=gemma2b", "model.quant=none", "model.name_or_path=/nowhere"), "trainer.strategy: fsdp2 shards "
+         "full-weight models (the embedded model); a checkpoint (model.name_or_path) trains adapters on one frozen "
+         "base: use trainer=ddp"),
+        (("ppo.compile=true",), "ppo.compile: compiles unsharded models only"),
+        (("trainer.strategy.tensor_parallel_size=2",), "trainer.strategy.tensor_parallel_size: is 2"),
+        (("trainer.num_nodes=2",), "trainer.strategy.data_parallel_size: is 2, and every one of the 4 processes"),
+    ],
+)  # fmt: skip
+def test_fsdp2_refusals(tmp_path, overrides, message):
+    from salsa.validate import check_strategy
+
+    with pytest.raises(ValueError) as refused:
+        check_strategy(make_cfg(tmp_path, "trainer=fsdp2", *overrides))
+    assert str(refused.value).startswith(message)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo"])
+def test_fsdp1_refuses_manual_optimisation_naming_the_strategies_that_run_it(tmp_path, algo):
+    from salsa.validate import check_strategy
+
+    with pytest.raises(ValueError) as refused:
+        check_strategy(make_cfg(tmp_path, "trainer=fsdp", f"algo={algo}"))
+    assert str(refused.value).startswith(f"trainer.strategy: fsdp cannot run {algo.upper()}")
+    assert "use trainer=fsdp2 or trainer=ddp" in str(refused.value)
+
+
+SLICED_BATCHES = ("model.pretrain.batch_size", "sft.batch_size", "rm.batch_size", "dpo.batch_size")
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("key", SLICED_BATCHES)
+def test_batches_split_over_three_processes_or_are_refused(tmp_path, trainer, key):
+    """Three processes: a batch that every process takes a slice of must be a multiple of 3, refused up front
+    naming the key; PPO, GRPO and RLOO batches are per process and any size runs."""
+    from salsa.config import check_groups
+    from salsa.errors import ConfigError
+
+    three = (f"trainer={trainer}", "trainer.devices=3", "trainer.accelerator=cpu", "algo=dpo")
+    sizes = dict.fromkeys(SLICED_BATCHES, 24)
+    per_process = ("ppo.batch_size=5", "grpo.batch_size=5", "rloo.batch_size=5", "ppo.num_minibatches=1")
+    check_groups(make_cfg(tmp_path, *three, *(f"{k}={v}" for k, v in sizes.items()), *per_process))
+
+    sizes[key] = 16  # 5 rows for two processes and 6 for the third would weigh rows unequally
+    with pytest.raises(ConfigError) as refused:
+        check_groups(make_cfg(tmp_path, *three, *(f"{k}={v}" for k, v in sizes.items())))
+    assert str(refused.value) == (
+        f"{key}: 16 does not split evenly over the 3 processes of trainer={trainer} (devices × num_nodes): use a "
+        "multiple of 3"
+    )
+    if key == "dpo.batch_size":  # only DPO's runs take DPO batches
+        check_groups(make_cfg(tmp_path, *three[:-1], "algo=ppo", *(f"{k}={v}" for k, v in sizes.items())))
 
 
 def test_slurm_launcher_composes():

@@ -429,7 +429,7 @@ class DPOConfig(Group):
     beta: float = 0.1  # β: strength of the implicit KL to the reference
     loss_type: str = "sigmoid"  # sigmoid = DPO; ipo = IPO's squared loss
     epochs: int = 1  # passes over the training pairs
-    batch_size: int = 32  # pairs per step, per process (chosen and rejected go through one forward pass)
+    batch_size: int = 32  # pairs per step, split over the processes (chosen and rejected: one forward pass)
     lr: float = 1e-4  # AdamW learning rate, warmed up then cosine-decayed
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -642,10 +642,22 @@ def check_groups(cfg: Any) -> None:
         typed(cfg.landscape, LandscapeConfig).check("landscape")
 
 
+def strategy_name(trainer: Any) -> str:
+    """The Trainer config's strategy by name: a Lightning name as given (`ddp`, `fsdp`, `deepspeed_stage_2`), `fsdp2`
+    for Lightning's ModelParallelStrategy built from a `_target_` node (trainer=fsdp2), '' for none."""
+    strategy = trainer.get("strategy")
+    if not strategy:
+        return ""
+    if isinstance(strategy, str):
+        return strategy
+    target = str(strategy.get("_target_", "")) if hasattr(strategy, "get") else type(strategy).__name__
+    return "fsdp2" if target.endswith("ModelParallelStrategy") else target
+
+
 def world_size(trainer: Any) -> int | None:
     """Processes a data-parallel Trainer config runs (devices × nodes); 1 without a parallel strategy, None when
     only the machine can tell (`devices: auto`)."""
-    strategy = str(trainer.get("strategy") or "")
+    strategy = strategy_name(trainer)
     if not any(s in strategy for s in ("ddp", "fsdp", "deepspeed")):
         return 1
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
@@ -657,11 +669,14 @@ def world_size(trainer: Any) -> int | None:
 
 
 def check_data_parallel(cfg: Any) -> None:
-    """Each of the world's processes takes an equal slice of every SFT, RM and pretraining batch."""
+    """Each of the world's processes takes an equal slice of every pretraining, SFT, RM and DPO batch (PPO, GRPO and
+    RLOO batches are per process: any size runs)."""
     world = world_size(cfg.trainer)
     if not world or world == 1:
         return
     keys = ["sft.batch_size", "rm.batch_size"] + (["model.pretrain.batch_size"] if cfg.model.get("pretrain") else [])
+    if cfg.algo.get("name") == "dpo" and cfg.stage in STAGES[STAGES.index("ppo") :]:
+        keys.append("dpo.batch_size")
     from omegaconf import OmegaConf
 
     for key in keys:
@@ -669,7 +684,7 @@ def check_data_parallel(cfg: Any) -> None:
         if size % world:
             raise ConfigError(
                 key,
-                f"{size} does not split evenly over the {world} processes of trainer={cfg.trainer.get('strategy')}"
+                f"{size} does not split evenly over the {world} processes of trainer={strategy_name(cfg.trainer)}"
                 f" (devices × num_nodes): use a multiple of {world}",
             )
 

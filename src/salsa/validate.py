@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from salsa.config import STAGES, check_groups, scale_warnings
+from salsa.config import STAGES, check_groups, scale_warnings, strategy_name, world_size
 from salsa.data.schemas import SPLIT_COLUMNS, DataFileError, check_local_dataset
 from salsa.errors import CheckpointError, ConfigError
 
@@ -151,12 +151,14 @@ def check_dataset_source(dataset: str, key: str = "data.path") -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def check_strategy(cfg: DictConfig) -> None:
     """Refuse, before anything runs, the distributed strategies that cannot run this pipeline (README, Scale-out)."""
-    strategy = str(cfg.trainer.get("strategy") or "")
+    strategy = strategy_name(cfg.trainer)
     sharded = "fsdp" in strategy or "deepspeed" in strategy
     if sharded and cfg.model.get("name_or_path") and cfg.model.get("quant") == "nf4":
         raise ConfigError(
             "trainer.strategy", f"{strategy} cannot shard a 4-bit base: QLoRA runs use trainer=ddp (one base per GPU)"
         )
+    if strategy == "fsdp2":
+        check_fsdp2(cfg)
     if "deepspeed" in strategy:
         log.warning("trainer.strategy=%s runs on GPUs only and has not been tested on them by this project (its "
                     "engine config is: README, Scale-out)", strategy)  # fmt: skip
@@ -167,17 +169,43 @@ def check_strategy(cfg: DictConfig) -> None:
     if algo == "dpo":  # automatic optimisation and no sampling: neither refusal below applies
         return
     name = algo.upper()
-    if "fsdp" in strategy:
+    if "fsdp" in strategy and strategy != "fsdp2":
         raise ConfigError(
             "trainer.strategy",
             f"{strategy} cannot run {name}: Lightning's FSDP strategy runs training_step inside the root FSDP forward,"
-            f" where {name}'s manual backward fails; use trainer=ddp (or stage=sft / stage=rm under FSDP)",
+            f" where {name}'s manual backward fails; use trainer=fsdp2 or trainer=ddp (or stage=sft / stage=rm under"
+            " FSDP)",
         )
     if "stage_3" in strategy:
         raise ConfigError(
             "trainer.strategy",
             f"{strategy} cannot run {name}: ZeRO-3 shards every parameter, and sampling would need them gathered; "
             "use trainer=deepspeed (ZeRO-2) or trainer=ddp",
+        )
+
+
+def check_fsdp2(cfg: DictConfig) -> None:
+    """trainer=fsdp2 (FSDP2 through Lightning's ModelParallelStrategy) shards full-weight models over every process."""
+    if cfg.model.get("name_or_path"):
+        raise ConfigError(
+            "trainer.strategy",
+            "fsdp2 shards full-weight models (the embedded model); a checkpoint (model.name_or_path) trains adapters "
+            "on one frozen base: use trainer=ddp",
+        )
+    if cfg.ppo.get("compile"):
+        raise ConfigError("ppo.compile", "compiles unsharded models only: use trainer=ddp, or ppo.compile=false")
+    node = cfg.trainer.strategy
+    tp, dp = node.get("tensor_parallel_size", "auto"), node.get("data_parallel_size", "auto")
+    if tp != 1:
+        raise ConfigError(
+            "trainer.strategy.tensor_parallel_size", f"is {tp}: the models are sharded data-parallel only; use 1"
+        )
+    world = world_size(cfg.trainer)
+    if world is not None and dp != world:
+        raise ConfigError(
+            "trainer.strategy.data_parallel_size",
+            f"is {dp}, and every one of the {world} processes (trainer.devices × trainer.num_nodes) is a "
+            f"data-parallel replica: use {world}",
         )
 
 

@@ -55,7 +55,7 @@ def answer_logprobs(logits_of: Callable, batch: dict[str, torch.Tensor]) -> torc
     return sequence_logprobs(logits, labels[:, first:])
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode: the policy's held-out pairs may be scored on sharded weights (trainer=fsdp2)
 def pair_logprobs(
     logits_of: Callable, dataset: PreferenceDataset, pad_id: int, batch_size: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:

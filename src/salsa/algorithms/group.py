@@ -25,6 +25,7 @@ from salsa.functional import kl_k1, kl_k3, logprobs_and_entropy, masked_mean
 from salsa.infra.guards import check_finite
 from salsa.models.actors import FullActors, scored_logprobs
 from salsa.models.generation import Samples, decode, encode_prompts, sample
+from salsa.models.sharding import data_parallel_mesh, gathered, without_grad_of
 
 
 class GroupModule(pl.LightningModule):
@@ -62,7 +63,7 @@ class GroupModule(pl.LightningModule):
         c = self.config
         return sample(self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature)
 
-    @torch.inference_mode()
+    @without_grad_of(lambda self: self.actors.models())
     def rollout(self, prompts: list[str], iteration: int) -> dict:
         c = self.config
         torch.manual_seed(c.seed * 1_000_003 + iteration)  # sampling is a function of (seed, iteration): resumable
@@ -72,7 +73,8 @@ class GroupModule(pl.LightningModule):
         seq, attn, mask = s.sequences, s.attention_mask, s.response_mask
 
         vocab = self.actors.generator.config.vocab_size
-        ref_logp = scored_logprobs(self.actors.reference_logits, seq, attn, s.response, c.temperature, vocab) * mask
+        with gathered(self.actors.reference):  # ranks score in as many chunks as their answers' length needs
+            ref_logp = scored_logprobs(self.actors.reference_logits, seq, attn, s.response, c.temperature, vocab) * mask
         score = self.actors.scores(seq, attn)
         check_finite(
             {"policy logprobs": s.logprobs, "reference logprobs": ref_logp, "rm score": score}, iteration, "iteration"
@@ -143,6 +145,13 @@ class GroupModule(pl.LightningModule):
         report_long_prompts(
             self.tokenizer, self.prompts, self.config.max_prompt_length, f"{self.name}.max_prompt_length"
         )
+
+    def configure_model(self) -> None:
+        """trainer=fsdp2: shard the models over the data-parallel processes (`salsa.models.sharding`); nothing
+        under any other strategy."""
+        mesh = data_parallel_mesh(self.device_mesh)
+        if mesh is not None:
+            self.actors.shard(mesh)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(_OneBatch(), batch_size=1)

@@ -38,6 +38,7 @@ from salsa.functional import (
 from salsa.infra.guards import check_finite
 from salsa.models.actors import FullActors, scored_logprobs
 from salsa.models.generation import Samples, decode, encode_prompts, sample
+from salsa.models.sharding import data_parallel_mesh, gathered, without_grad_of
 
 
 def iteration_prompts(n_prompts: int, batch_size: int, seed: int, iteration: int, rank: int, world: int) -> list[int]:
@@ -96,8 +97,9 @@ class PPOModule(pl.LightningModule):
         c = self.config
         return sample(self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature)
 
-    # inference mode: no autograd bookkeeping; the update's minibatch indexing turns these into ordinary tensors
-    @torch.inference_mode()
+    # no autograd bookkeeping (inference mode; plain no-grad on sharded weights): the update's minibatch indexing
+    # turns these into ordinary tensors
+    @without_grad_of(lambda self: self.actors.models())
     def rollout(self, prompts: list[str], iteration: int) -> dict:
         c = self.config
         torch.manual_seed(c.seed * 1_000_003 + iteration)  # sampling is a function of (seed, iteration): resumable
@@ -107,7 +109,8 @@ class PPOModule(pl.LightningModule):
 
         # a few rows at a time: full-vocabulary logits of the whole rollout would be the run's largest tensor
         vocab = self.actors.generator.config.vocab_size
-        ref_logp = scored_logprobs(self.actors.reference_logits, seq, attn, s.response, c.temperature, vocab) * mask
+        with gathered(self.actors.reference):  # ranks score in as many chunks as their answers' length needs
+            ref_logp = scored_logprobs(self.actors.reference_logits, seq, attn, s.response, c.temperature, vocab) * mask
         values = self.actors.values(seq, attn, P) * mask
         score = self.actors.scores(seq, attn)
         check_finite(
@@ -192,6 +195,13 @@ class PPOModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         report_long_prompts(self.tokenizer, self.prompts, self.config.max_prompt_length, "ppo.max_prompt_length")
+
+    def configure_model(self) -> None:
+        """trainer=fsdp2: shard the models over the data-parallel processes (`salsa.models.sharding`); nothing
+        under any other strategy."""
+        mesh = data_parallel_mesh(self.device_mesh)
+        if mesh is not None:
+            self.actors.shard(mesh)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(_OneBatch(), batch_size=1)

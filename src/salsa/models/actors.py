@@ -12,6 +12,7 @@ from torch import nn
 
 from salsa.functional import ema_update, token_logprobs
 from salsa.models.hf import position_ids_from_mask, scalar_head_outputs, sequence_scores
+from salsa.models.sharding import save_pretrained, shard_model
 
 
 def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -106,6 +107,13 @@ class FullActors(nn.Module):
         for name, ref in self.reference.named_parameters():
             ref.copy_(ema_update(ref.float(), policy[name].float(), rate).to(ref.dtype))
 
+    def shard(self, mesh) -> None:
+        """FSDP2 (`trainer=fsdp2`): shard every model over the data-parallel `mesh` (`salsa.models.sharding`); the
+        frozen reference and reward model too, so that no rank holds a whole model outside sampling and scoring.
+        The reference is sharded as the policy is, so a moving reference mixes the two shard by shard."""
+        for model in self.models():
+            shard_model(model, mesh)
+
     def compile(self) -> None:
         """`torch.compile` each model's decoder in place (state-dict keys unchanged), with dynamic shapes: every
         rollout's prompt width differs, and scoring and the update run different batch sizes. The LM head and the
@@ -115,4 +123,5 @@ class FullActors(nn.Module):
             getattr(model, model.base_model_prefix).compile(dynamic=True)
 
     def save_policy(self, path) -> None:
-        self.policy.save_pretrained(str(path))
+        """The policy as a Hugging Face checkpoint; a sharded one is gathered and written by rank 0 alone."""
+        save_pretrained(self.policy, path)

@@ -67,6 +67,9 @@ class AdapterActors(FullActors):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def shard(self, mesh) -> None:
+        raise AdapterError("adapters on one shared base are not sharded (trainer=fsdp2): use trainer=ddp")
+
     def move_reference(self, rate: float) -> None:
         """The reference becomes the policy: its adapters are the policy's, with the trained one's factors copied
         into `ref_delta` (loaded when the run moves its reference). Only a copy (rate 1): averaging two adapters'

@@ -8,6 +8,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from salsa.data.tokens import pad_left, prompt_ids
+from salsa.models.sharding import gathered, without_grad_of
 
 
 @dataclass
@@ -80,7 +81,7 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.size(0), 0)).float()
 
 
-@torch.inference_mode()
+@without_grad_of(lambda model: [model])  # inference mode, or no-grad on sharded weights
 def sample(
     model,
     tokenizer,
@@ -91,7 +92,8 @@ def sample(
     do_sample: bool = True,
 ) -> Samples:
     """Sample (or greedily decode) responses with the KV cache; logprobs come from the generation's own logits
-    (`SampledLogprobs`), so no second policy forward pass is needed. Tokens after the end token become padding."""
+    (`SampledLogprobs`), so no second policy forward pass is needed. Tokens after the end token become padding.
+    A sharded model samples on its gathered weights (`salsa.models.sharding`: ranks stop at different lengths)."""
     was_training = model.training
     model.eval()
     gen_cfg = GenerationConfig(
@@ -107,7 +109,7 @@ def sample(
         return_dict_in_generate=True,
     )
     recorder = SampledLogprobs(temperature if do_sample else 1.0)
-    with torch.compiler.set_stance("force_eager"):  # a compiled decoder (ppo.compile) samples eagerly
+    with torch.compiler.set_stance("force_eager"), gathered(model):  # a compiled decoder (ppo.compile): eagerly
         out = model.generate(
             input_ids=query,
             attention_mask=query_mask,

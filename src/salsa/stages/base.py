@@ -14,6 +14,7 @@ from salsa.data.tokens import LMDataset
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.models.hf import num_parameters, tiny_gemma, train_word_tokenizer
+from salsa.models.sharding import save_pretrained
 from salsa.stages.lm import fit_lm, heldout_loss
 
 
@@ -55,7 +56,7 @@ def run_base(ctx: Context) -> Entry:
         val = LMDataset.from_documents(tok, docs[:n_val], p.max_length)
         log.info("[base] tiny Gemma with %.2fM parameters, vocabulary %d", num_parameters(model) / 1e6, len(tok))
         fit_lm(ctx, model, train, p, tok.pad_token_id, work, run_id, p.seed, "base")
-        model.save_pretrained(str(work))
+        save_pretrained(model, work)  # a sharded model (trainer=fsdp2) gathered, and written by rank 0
         tok.save_pretrained(str(work))
         val_loss = heldout_loss(model, val, tok.pad_token_id)
         log.info("[base] held-out loss %.4f", val_loss)

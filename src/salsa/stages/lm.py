@@ -19,6 +19,7 @@ from salsa.functional import lm_token_nll, warmup_cosine
 from salsa.infra.context import Context
 from salsa.infra.guards import check_finite
 from salsa.infra.training import PlanSampler, batch_plan, fit_resumable, step_seed
+from salsa.models.sharding import data_parallel_mesh, shard_model, without_grad_of
 
 
 class SeededModule(pl.LightningModule):
@@ -44,6 +45,17 @@ class SeededModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
+
+    def configure_model(self) -> None:
+        """trainer=fsdp2: shard the model (DPO: the policy and the reference) over the data-parallel processes
+        (`salsa.models.sharding`); nothing under any other strategy."""
+        mesh = data_parallel_mesh(self.device_mesh)
+        if mesh is None:
+            return
+        if hasattr(self.model, "base_model_prefix"):  # a Hugging Face model
+            shard_model(self.model, mesh)
+        else:  # the models of an algorithm (`salsa.models.actors.FullActors`)
+            self.model.shard(mesh)
 
     def param_groups(self) -> list[dict]:
         """Every trainable parameter (adapters only, on a frozen base), with the configured weight decay."""
@@ -139,7 +151,7 @@ def heldout_batches(
     return batches
 
 
-@torch.inference_mode()
+@without_grad_of(lambda model: [model])
 def heldout_loss(
     model, dataset: LMDataset, pad_id: int, max_rows: int = 128, logits_budget: int = HELDOUT_BUDGET
 ) -> float:

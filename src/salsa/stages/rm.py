@@ -21,6 +21,7 @@ from salsa.infra.guards import check_finite
 from salsa.infra.training import fit_resumable
 from salsa.models.hf import load_reward_model, load_tokenizer, sequence_scores
 from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
+from salsa.models.sharding import save_pretrained
 from salsa.stages.lm import SeededModule, planned_loader
 
 
@@ -166,7 +167,7 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> 
             limit_val_batches=0,
         )
         metrics = heldout_pairs(ctx, module, tok, work, run_id)
-        (adapter or model).save_pretrained(str(work))
+        save_pretrained(adapter or model, work)  # a sharded model (trainer=fsdp2) gathered, and written by rank 0
         tok.save_pretrained(str(work))
         log.info(
             "[%s] held-out pair accuracy %.3f, agreement with gold %s (%d training pairs)",

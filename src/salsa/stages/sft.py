@@ -11,6 +11,7 @@ from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.models.hf import load_causal_lm, load_tokenizer
 from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
+from salsa.models.sharding import save_pretrained
 from salsa.stages.lm import fit_lm, heldout_dataset, heldout_loss
 
 
@@ -37,7 +38,7 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
             model = load_causal_lm(base.path, attention_dropout=s.attention_dropout)
         train = LMDataset.from_examples(tok, ctx.data.sft_train, s.max_prompt_length, s.max_response_length)
         fit_lm(ctx, model, train, s, tok.pad_token_id, work, run_id, seed, f"sft {index}")
-        model.save_pretrained(str(work))
+        save_pretrained(model, work)  # a sharded model (trainer=fsdp2) gathered, and written by rank 0
         tok.save_pretrained(str(work))
         val_loss = heldout_loss(model, heldout_dataset(ctx, tok), tok.pad_token_id)
         log.info("[sft %d] held-out loss %.4f", index, val_loss)
