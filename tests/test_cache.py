@@ -49,3 +49,21 @@ def test_failed_build_publishes_nothing(tmp_path):
     entry = cache.get_or_build("rm", {"x": 1}, lambda work: seen.append(sorted(p.name for p in work.iterdir())))
     assert seen == [["half.txt"]]
     assert json.loads((entry.path / "manifest.json").read_text())["key"] == key
+
+
+def test_lock_check_sees_another_process_hold_the_lock(tmp_path):
+    from salsa.infra.cache import check_locking
+
+    assert "file locks work" in check_locking(tmp_path / "shared")
+    assert not list((tmp_path / "shared").glob("*.lock"))  # nothing left behind
+
+
+def test_lock_check_fails_where_locks_do_not_exclude(tmp_path, monkeypatch):
+    """A filesystem whose locks are no-ops (Lustre without -o flock, some NFS setups) is reported, not trusted."""
+    import contextlib
+
+    import salsa.infra.cache as cache
+
+    monkeypatch.setattr(cache, "FileLock", lambda *a, **k: contextlib.nullcontext())
+    with pytest.raises(RuntimeError, match="do not exclude"):
+        cache.check_locking(tmp_path)

@@ -122,3 +122,55 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def _hold_lock(path: str, ready, release) -> None:  # pragma: no cover - runs in a child process
+    with FileLock(path):
+        ready.set()
+        release.wait(60)
+
+
+def check_locking(directory: str | os.PathLike, timeout: float = 30.0) -> str:
+    """Whether the file locks the stage cache relies on work in `directory` (e.g. a shared filesystem that SLURM jobs
+    on several nodes use): another process takes a lock there, and this one must then fail to take it and succeed
+    once it is released. Returns what happened; raises RuntimeError when the lock does not exclude."""
+    import multiprocessing as mp
+
+    from filelock import Timeout
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    path = str(root / f".lock-check-{socket.gethostname()}-{os.getpid()}.lock")
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(path, ready, release))
+    holder.start()
+    try:
+        if not ready.wait(timeout):
+            raise RuntimeError(f"a second process could not take a lock in {root} within {timeout:.0f} s")
+        try:
+            with FileLock(path, timeout=0):
+                raise RuntimeError(
+                    f"file locks do not exclude each other in {root}: two processes held one lock at once. Two sweep "
+                    "jobs could build the same stage; put paths.cache_dir on a filesystem with working flock (on "
+                    "Lustre mount it with -o flock)"
+                )
+        except Timeout:
+            pass
+    finally:
+        release.set()
+        holder.join(timeout)
+    with FileLock(path, timeout=timeout):
+        pass
+    Path(path).unlink(missing_ok=True)
+    return f"file locks work in {root}: a lock held by another process excluded this one and was released"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m salsa.infra.cache", description="Check that the stage cache's file locks work in a directory."
+    )
+    parser.add_argument("--check-lock", required=True, metavar="DIR", help="e.g. the shared paths.cache_dir")
+    print(check_locking(parser.parse_args().check_lock))
