@@ -48,3 +48,18 @@ def test_a_study_point_reproduces_the_rm_stage(upstream):
     assert point.pairs == len(data.pairs_train)
     assert point.accuracy == pytest.approx(rm.manifest["metrics"]["accuracy"], abs=1e-6)
     assert point.gold_agreement == pytest.approx(rm.manifest["metrics"]["gold_agreement"], abs=1e-6)
+
+
+def test_a_linear_judge_of_the_gold_features_recovers_noise_free_labels():
+    """The gold reward is a weighted sum of its seven features, so on noise-free labels a linear judge of them
+    separates the held-out pairs (up to the few with a near-zero margin); on the answers' words alone it cannot."""
+    from salsa.analysis.rm_curve import BASELINES, linear_baseline
+    from salsa.data.synthetic import SyntheticTask
+
+    task = SyntheticTask(0)
+    train = [gold_labelled(p) for p in task.preference_pairs(2000, "train")]
+    val = [gold_labelled(p) for p in task.preference_pairs(200, "val")]
+    _, held_out = linear_baseline(train, val, BASELINES["+ all seven gold features"], l2=1e-5)
+    assert held_out >= 0.95
+    _, words_only = linear_baseline(train, val, [], l2=1e-5)
+    assert words_only < held_out - 0.2

@@ -110,6 +110,53 @@ def train_point(
     )  # fmt: skip
 
 
+def answer_features(
+    pair_prompt: str, answer: str, ended: bool, vocab: dict[str, int], extra: list[str]
+) -> torch.Tensor:
+    """Word counts of an answer, its length and whether it ended, plus the named gold-reward features (which may
+    depend on the prompt)."""
+    from salsa.data.synthetic import gold_components
+
+    x = torch.zeros(len(vocab) + 2 + len(extra), dtype=torch.float64)
+    for w in answer.split():
+        x[vocab[w]] += 1
+    x[len(vocab)], x[len(vocab) + 1] = len(answer.split()), float(ended)
+    if extra:
+        parts = gold_components(pair_prompt, answer, ended)
+        for i, name in enumerate(extra):
+            x[len(vocab) + 2 + i] = parts[name]
+    return x
+
+
+def linear_baseline(train: list[Pair], val: list[Pair], extra: list[str], l2: float = 1e-3) -> tuple[float, float]:
+    """(train, held-out) accuracy of a Bradley–Terry logistic regression on the difference of `answer_features`:
+    what a linear judge of the answer's words (and of the named gold features) gets from the same labels."""
+    from salsa.data.synthetic import vocabulary
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+
+    def diff(pairs: list[Pair]) -> torch.Tensor:
+        return torch.stack([
+            answer_features(p.prompt, p.chosen, p.chosen_ended, vocab, extra)
+            - answer_features(p.prompt, p.rejected, p.rejected_ended, vocab, extra)
+            for p in pairs
+        ])  # fmt: skip
+
+    x, xv = diff(train), diff(val)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.softplus(-(x @ w)).mean() + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((x @ w) > 0).double().mean()), float(((xv @ w) > 0).double().mean())
+
+
 def grid(default_pairs: int, sizes: list[int], lrs: list[float], epochs: list[int], starts: list[str]):
     """(start, pairs, epochs, lr) of every point: each axis varied alone around the default."""
     base = starts[0]
@@ -138,7 +185,18 @@ def read_points(out: Path) -> tuple[list[Point], list[str]]:
     return points, commands
 
 
-def write_report(points: list[Point], ceiling: float, rater_gold: float, out: Path, commands: list[str]) -> None:
+BASELINES = {  # linear judges trained on the same 3,000 pairs: what a reward model should at least reach
+    "answer words, length, ended": [],
+    "+ coverage of the asked nouns": ["coverage"],
+    "+ relevance to the asked topic": ["relevance"],
+    "+ all seven gold features": ["coverage", "relevance", "sentiment", "ending", "length", "repetition", "grammar"],
+}
+
+
+def write_report(
+    points: list[Point], ceiling: float, rater_gold: float, out: Path, commands: list[str],
+    baselines: dict[str, tuple[float, float]] | None = None,
+) -> None:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "commands.txt").write_text("".join(c + "\n" for c in commands))
     with open(out / "rm_curve.csv", "w", newline="") as f:
@@ -163,6 +221,16 @@ def write_report(points: list[Point], ceiling: float, rater_gold: float, out: Pa
             f"| {p.start} | {p.parameters:,} | {p.labels} | {p.pairs} | {p.epochs} | {p.lr:g} | {p.seed} | {p.steps} | "
             f"{p.train_accuracy:.3f} | {p.accuracy:.3f} | {p.gold_agreement:.3f} | {p.seconds:.0f} |"
         )
+    if baselines:
+        lines += [
+            "",
+            "Linear Bradley–Terry judges on the same labels (logistic regression on the difference of the two",
+            "answers' features; the gold features depend on the prompt):",
+            "",
+            "| features | train acc. | held-out acc. |",
+            "|---|---:|---:|",
+            *(f"| {name} | {tr:.3f} | {va:.3f} |" for name, (tr, va) in baselines.items()),
+        ]
     (out / "rm_curve.md").write_text("\n".join(lines) + "\n")
 
 
@@ -192,9 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(x) for x in args.sizes.split(",") if x]
     task = SyntheticTask(args.task_seed)
     pool = task.preference_pairs(max(sizes + [3000]), "train")
+    val = task.preference_pairs(500, "val")
+    baselines = {name: linear_baseline(pool[:3000], val, extra) for name, extra in BASELINES.items()}  # raters'
     if args.labels == "gold":
         pool = [gold_labelled(p) for p in pool]
-    val = task.preference_pairs(500, "val")
     points, commands = read_points(args.out) if args.append else ([], [])
     commands.append("python -m salsa.analysis.rm_curve " + " ".join(argv))
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -208,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"({p.seconds:.0f} s)", flush=True)  # fmt: skip
             points.append(p)
             rater_gold = statistics.fmean(p.gold_margin > 0 for p in val)
-            write_report(points, label_ceiling(val), rater_gold, args.out, commands)
+            write_report(points, label_ceiling(val), rater_gold, args.out, commands, baselines)
 
 
 if __name__ == "__main__":
