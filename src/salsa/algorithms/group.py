@@ -16,7 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from salsa.algorithms.ppo import _OneBatch, iteration_prompts, minibatches
+from salsa.algorithms.ppo import _OneBatch, clipped_step, iteration_prompts, minibatches
 from salsa.algorithms.reference import MovingReference, keep_trainable
 from salsa.config import GroupConfig
 from salsa.data.task import judge_answers
@@ -112,12 +112,7 @@ class GroupModule(pl.LightningModule):
             logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
             logp, token_entropy = logprobs_and_entropy(logits, mb["response"])
             loss, stats = self.loss(logp, mb)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
-            opt.step()
-            if self.moving is not None:
-                self.moving.after_step(self.global_step)
+            clipped_step(self, opt, loss, c.max_grad_norm)
             with torch.no_grad():
                 stats = {"loss": loss, "entropy": masked_mean(token_entropy, mb["mask"]), **stats}
             for k, v in stats.items():

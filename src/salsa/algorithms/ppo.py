@@ -62,6 +62,17 @@ def minibatches(batch: dict, num_minibatches: int, epochs: int, seed: int, itera
             yield {k: v[order[start : start + size]] for k, v in batch.items()}
 
 
+def clipped_step(module, opt, loss: torch.Tensor, max_grad_norm: float) -> None:
+    """One optimizer step of an online algorithm's update loop: backward through Lightning (so strategies and
+    precision plugins see it), clip the gradient norm, step, then move the reference when it follows the policy."""
+    opt.zero_grad()
+    module.manual_backward(loss)
+    module.clip_gradients(opt, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+    opt.step()
+    if module.moving is not None:
+        module.moving.after_step(module.global_step)
+
+
 class _OneBatch(torch.utils.data.Dataset):
     """One item per epoch: the module picks the iteration's prompts itself (see `iteration_prompts`)."""
 
@@ -159,12 +170,7 @@ class PPOModule(pl.LightningModule):
             pg_loss, pg_stats = ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip)
             vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], c.value_clip)
             loss = pg_loss + c.vf_coef * vf_loss
-            opt.zero_grad()
-            self.manual_backward(loss)
-            self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
-            opt.step()
-            if self.moving is not None:
-                self.moving.after_step(self.global_step)
+            clipped_step(self, opt, loss, c.max_grad_norm)
             with torch.no_grad():
                 entropy = masked_mean(token_entropy, mb["mask"])
             step = {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/entropy": entropy}
