@@ -170,12 +170,12 @@ def test_training_moves_policy_only_and_saved_adapters_load_with_plain_peft(plan
     ckpt, _, rm, actors = plan
     seq, mask, p = _batch(actors)
     with torch.no_grad():
-        ref_before, score_before = actors.reference_logits(seq, mask, p), actors.scores(seq, mask)
+        ref_before, score_before = actors.reference_logits(seq, mask, p), actors.scores(seq, mask, mask[:, p:])
     _one_step(actors, seq, mask, p)
     with torch.no_grad():
         policy = actors.policy_logits(seq, mask, p)
         torch.testing.assert_close(actors.reference_logits(seq, mask, p), ref_before, rtol=0, atol=0)
-        torch.testing.assert_close(actors.scores(seq, mask), score_before, rtol=0, atol=0)
+        torch.testing.assert_close(actors.scores(seq, mask, mask[:, p:]), score_before, rtol=0, atol=0)
     assert (policy - ref_before).abs().max() > 1e-4
 
     # the policy is saved as one adapter (soup + delta summed) that plain peft loads on the quantised base
@@ -347,7 +347,7 @@ def test_merged_start_equals_the_adapter_form(tmp_path, other):
         with torch.no_grad():
             return [
                 actors.policy_logits(seq, mask, p), actors.reference_logits(seq, mask, p),
-                actors.values(seq, mask, p), actors.scores(seq, mask),
+                actors.values(seq, mask, p), actors.scores(seq, mask, mask[:, p:]),
             ]  # fmt: skip
 
     for got, want in zip(outputs(merged), outputs(plain), strict=True):

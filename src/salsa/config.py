@@ -290,6 +290,8 @@ class RMConfig(Group):
     batch_size: int = 32  # pairs per step (chosen and rejected go through one forward pass)
     val_batch_size: int = 128
     lr: float = 1e-3
+    head_lr: float | None = None  # the scalar head's own learning rate (None: lr)
+    score: str = "last"  # last: the head at the last token | mean: averaged over the answer (full-weight models)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     center_coef: float = 0.01  # + center_coef · E[(r_c + r_r)²] keeps rewards centred at zero
@@ -301,6 +303,12 @@ class RMConfig(Group):
     POSITIVE_INT = ("epochs", "batch_size", "max_prompt_length", "max_response_length", "ckpt_every", "members")
     POSITIVE = ("lr",)
     NON_NEGATIVE = ("weight_decay", "warmup_steps")
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        one_of(f"{prefix}.score", self.score, ("last", "mean"))
+        if self.head_lr is not None:
+            positive(f"{prefix}.head_lr", self.head_lr)
 
 
 @dataclass

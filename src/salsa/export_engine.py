@@ -129,6 +129,12 @@ def check_kind(stage: Stage, role: str, flag: str) -> None:
             )
         if stage.name not in REWARD_STAGES:
             raise ExportError(f"{flag} {stage.path}: a {stage.name} stage holds no reward model")
+        if stage.manifest.get("score", "last") != "last":
+            raise ExportError(
+                f"{flag} {stage.path}: this reward model was trained with rm.score={stage.manifest['score']} (its "
+                "head averaged over the answer); OpenRLHF and verl read a reward model's last token, so they would "
+                "score it wrongly. Export a reward model trained with rm.score=last"
+            )
     else:
         if stage.name in REWARD_STAGES:
             raise ExportError(f"{flag} {stage.path}: a {stage.name} stage is a reward model, not a causal LM")

@@ -75,7 +75,7 @@ class GroupModule(pl.LightningModule):
         vocab = self.actors.generator.config.vocab_size
         with gathered(self.actors.reference):  # ranks score in as many chunks as their answers' length needs
             ref_logp = scored_logprobs(self.actors.reference_logits, seq, attn, s.response, c.temperature, vocab) * mask
-        score = self.actors.scores(seq, attn)
+        score = self.actors.scores(seq, attn, mask)
         check_finite(
             {"policy logprobs": s.logprobs, "reference logprobs": ref_logp, "rm score": score}, iteration, "iteration"
         )

@@ -123,7 +123,7 @@ class PPOModule(pl.LightningModule):
         with gathered(self.actors.reference):  # ranks score in as many chunks as their answers' length needs
             ref_logp = scored_logprobs(self.actors.reference_logits, seq, attn, s.response, c.temperature, vocab) * mask
         values = self.actors.values(seq, attn, P) * mask
-        score = self.actors.scores(seq, attn)
+        score = self.actors.scores(seq, attn, mask)
         check_finite(
             {"policy logprobs": s.logprobs, "reference logprobs": ref_logp, "values": values, "rm score": score},
             iteration,

@@ -50,6 +50,9 @@ class Point:
     gold_agreement: float  # held-out pairs, against the sign of the gold margin
     seconds: float
     labels: str = "raters"  # what the model was trained on: the raters' labels, or the gold reward's preferences
+    score: str = "last"  # rm.score: the head at the last token, or averaged over the answer
+    head_lr: float | None = None  # rm.head_lr (None: lr)
+    heldout: str = "val"  # which held-out pairs: the task's validation pairs (500), or fresh ones never looked at
 
 
 def gold_labelled(pair: Pair) -> Pair:
@@ -80,7 +83,14 @@ def pair_accuracy(model, dataset: PairDataset, pad_id: int, batch_size: int = 25
 
 
 def train_point(
-    start: str, path: Path, pairs: list[Pair], val: list[Pair], hp, seed: int, labels: str = "raters"
+    start: str,
+    path: Path,
+    pairs: list[Pair],
+    val: list[Pair],
+    hp,
+    seed: int,
+    labels: str = "raters",
+    heldout: str = "val",
 ) -> Point:
     """One reward model, trained the way the `rm` stage trains it."""
     t0 = time.perf_counter()
@@ -88,13 +98,17 @@ def train_point(
     tok = load_tokenizer(path)
     model = load_reward_model(path)
     model.config.pad_token_id = tok.pad_token_id
+    score = str(hp.get("score", "last"))
+    if score != "last":
+        model.config.score_pooling = score
     model.train()
     train = PairDataset(tok, pairs, hp.max_prompt_length, hp.max_response_length)
     loader = planned_loader(train, hp, partial(pair_batch, pad_id=tok.pad_token_id), seed)
     steps = len(loader.batch_sampler.plan)
+    head_lr = hp.get("head_lr")
     module = RewardModule(
-        model, hp.lr, hp.center_coef, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps, total_steps=steps,
-        seed=seed,
+        model, hp.lr, hp.center_coef, head_lr=head_lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps,
+        total_steps=steps, seed=seed,
     )  # fmt: skip
     trainer = pl.Trainer(  # the plan is served `ckpt_every` batches per Lightning epoch, as in the stage
         accelerator="cpu", devices=1, max_epochs=loader.batch_sampler.num_chunks, logger=False,
@@ -106,7 +120,7 @@ def train_point(
     acc, gold = pair_accuracy(model, held, tok.pad_token_id)
     return Point(
         start, num_parameters(model), len(pairs), int(hp.epochs), float(hp.lr), seed, steps, train_acc, acc, gold,
-        time.perf_counter() - t0, labels,
+        time.perf_counter() - t0, labels, score, None if head_lr is None else float(head_lr), heldout,
     )  # fmt: skip
 
 
@@ -172,6 +186,13 @@ def grid(default_pairs: int, sizes: list[int], lrs: list[float], epochs: list[in
     return list(dict.fromkeys(seen))
 
 
+def _field(kind: str, text: str):
+    """A csv cell as the `Point` field of type `kind` (a string annotation) holds it."""
+    if kind.endswith("| None"):
+        return None if text == "" else _field(kind.removesuffix("| None").strip(), text)
+    return {"int": int, "float": float}.get(kind, str)(text)
+
+
 def read_points(out: Path) -> tuple[list[Point], list[str]]:
     """The points and commands of an earlier study in `out` (none if there is none)."""
     if not (out / "rm_curve.csv").is_file():
@@ -180,7 +201,7 @@ def read_points(out: Path) -> tuple[list[Point], list[str]]:
     points = []
     with open(out / "rm_curve.csv", newline="") as f:
         for row in csv.DictReader(f):
-            points.append(Point(**{k: {"int": int, "float": float}.get(types[k], str)(v) for k, v in row.items()}))
+            points.append(Point(**{k: _field(types[k], v) for k, v in row.items()}))
     commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").is_file() else []
     return points, commands
 
@@ -212,14 +233,18 @@ def write_report(
         f"Held-out pairs: a judge that always prefers the higher gold reward would reach **{ceiling:.3f}** accuracy",
         f"against the raters' labels; the raters themselves agree with the gold on {rater_gold:.3f} of them.",
         "",
-        "| start | parameters | labels | pairs | epochs | lr | seed | steps | train acc. | held-out acc. "
-        "| gold agreement | s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Columns: `score` = `rm.score` (last token, or mean over the answer), `head lr` = `rm.head_lr` (– : `lr`),",
+        "`held-out` = the task's 500 validation pairs (`val`), or fresh pairs no setting was chosen on (`fresh`).",
+        "",
+        "| start | parameters | labels | score | pairs | epochs | lr | head lr | seed | steps | train acc. | held-out "
+        "| held-out acc. | gold agreement | s |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for p in points:
         lines.append(
-            f"| {p.start} | {p.parameters:,} | {p.labels} | {p.pairs} | {p.epochs} | {p.lr:g} | {p.seed} | {p.steps} | "
-            f"{p.train_accuracy:.3f} | {p.accuracy:.3f} | {p.gold_agreement:.3f} | {p.seconds:.0f} |"
+            f"| {p.start} | {p.parameters:,} | {p.labels} | {p.score} | {p.pairs} | {p.epochs} | {p.lr:g} | "
+            f"{'–' if p.head_lr is None else f'{p.head_lr:g}'} | {p.seed} | {p.steps} | {p.train_accuracy:.3f} | "
+            f"{p.heldout} | {p.accuracy:.3f} | {p.gold_agreement:.3f} | {p.seconds:.0f} |"
         )
     if baselines:
         lines += [
@@ -247,6 +272,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task-seed", type=int, default=0)
     ap.add_argument("--labels", choices=("raters", "gold"), default="raters",
                     help="the raters' noisy labels, or noise-free ones (the higher gold reward wins)")  # fmt: skip
+    ap.add_argument("--score", choices=("last", "mean"), default=None,
+                    help="rm.score of every point (default: conf/rm/default.yaml's)")  # fmt: skip
+    ap.add_argument("--head-lr", type=float, default=None, help="rm.head_lr of every point (default: none)")
+    ap.add_argument("--heldout", choices=("val", "fresh"), default="val",
+                    help="score on the task's 500 validation pairs, or on --fresh-pairs new pairs (split "
+                    "'rm_fresh') that no setting was chosen on")  # fmt: skip
+    ap.add_argument("--fresh-pairs", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("results/rm"))
     ap.add_argument("--append", action="store_true", help="add the points to the study already in --out")
     argv = sys.argv[1:] if argv is None else argv
@@ -256,11 +288,19 @@ def main(argv: list[str] | None = None) -> None:
     defaults = OmegaConf.load(DEFAULTS)
     if args.lr is not None:
         defaults.lr = args.lr
+    if args.score is not None:
+        defaults.score = args.score
+    if args.head_lr is not None:
+        defaults.head_lr = args.head_lr
     starts = dict(s.split("=", 1) for s in args.start)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     task = SyntheticTask(args.task_seed)
     pool = task.preference_pairs(max(sizes + [3000]), "train")
-    val = task.preference_pairs(500, "val")
+    val = (
+        task.preference_pairs(500, "val")
+        if args.heldout == "val"
+        else task.preference_pairs(args.fresh_pairs, "rm_fresh")
+    )
     baselines = {name: linear_baseline(pool[:3000], val, extra) for name, extra in BASELINES.items()}  # raters'
     if args.labels == "gold":
         pool = [gold_labelled(p) for p in pool]
@@ -271,8 +311,11 @@ def main(argv: list[str] | None = None) -> None:
                     [int(x) for x in args.epochs.split(",") if x], list(starts))  # fmt: skip
         for start, n, epochs, lr in plan:
             hp = OmegaConf.merge(defaults, {"epochs": epochs, **({"lr": lr} if lr else {})})
-            p = train_point(start, Path(starts[start]), pool[:n], val, hp, int(defaults.seed) + seed, args.labels)
-            print(f"{p.start:>10} pairs {p.pairs:>6} epochs {p.epochs} lr {p.lr:g} seed {p.seed}: "
+            p = train_point(
+                start, Path(starts[start]), pool[:n], val, hp, int(defaults.seed) + seed, args.labels, args.heldout
+            )
+            print(f"{p.start:>10} score {p.score} pairs {p.pairs:>6} epochs {p.epochs} lr {p.lr:g} "
+                  f"head lr {p.head_lr} seed {p.seed}: "
                   f"train {p.train_accuracy:.3f} held-out {p.accuracy:.3f} gold {p.gold_agreement:.3f} "
                   f"({p.seconds:.0f} s)", flush=True)  # fmt: skip
             points.append(p)

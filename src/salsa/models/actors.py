@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from salsa.functional import ema_update, token_logprobs
-from salsa.models.hf import position_ids_from_mask, scalar_head_outputs, sequence_scores
+from salsa.models.hf import position_ids_from_mask, response_positions, scalar_head_outputs, sequence_scores
 from salsa.models.sharding import save_pretrained, shard_model
 
 
@@ -94,8 +94,12 @@ class FullActors(nn.Module):
         """V(s_t) for the state before each response token."""
         return scalar_head_outputs(self.value, sequences, attention_mask)[:, prompt_len - 1 : -1]
 
-    def scores(self, sequences, attention_mask):
-        return sequence_scores(self.reward, sequences, attention_mask)
+    def scores(self, sequences, attention_mask, response_mask):
+        """The reward model's score of each rollout; `response_mask` (batch, response length) marks the answer's
+        tokens, which a mean-pooled reward model averages over."""
+        return sequence_scores(
+            self.reward, sequences, attention_mask, response_positions(response_mask, sequences.size(1))
+        )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.policy, self.value) if m is not None for p in m.parameters() if p.requires_grad]

@@ -115,7 +115,42 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return t - 1 - attention_mask.flip(-1).long().argmax(-1)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One scalar per sequence: the head's output at its last attended token."""
+SCORE_POOLINGS = ("last", "mean")
+
+
+def pool_scores(
+    outputs: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None, pooling: str = "last"
+) -> torch.Tensor:
+    """One scalar per sequence from per-token head outputs (batch, time): `last` reads the last attended token (the
+    convention of Hugging Face's sequence classifiers and of RLHF engines); `mean` averages over the response tokens
+    (`response_mask`, same shape, 1 on the response), which a small model learns from more easily than a summary
+    in one position. A row without response tokens scores 0 under `mean`."""
+    if pooling == "last":
+        return outputs.gather(1, last_index(attention_mask).unsqueeze(1)).squeeze(1)
+    if pooling != "mean":
+        raise ValueError(f"score pooling must be one of {SCORE_POOLINGS}, got {pooling!r}")
+    if response_mask is None:
+        raise ValueError("mean score pooling needs the response tokens' mask")
+    m = response_mask.to(outputs.dtype)
+    return (outputs * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def score_pooling(model) -> str:
+    """How a reward model's sequence score is read: `score_pooling` in its config (written by the `rm` stage with
+    `rm.score`), else the last token."""
+    return getattr(getattr(model, "config", None), "score_pooling", None) or "last"
+
+
+def response_positions(response_mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A response mask over the last positions of sequences `width` long (a rollout: query, then response) widened
+    to the whole sequence."""
+    return torch.nn.functional.pad(response_mask, (width - response_mask.size(1), 0))
+
+
+def sequence_scores(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One scalar per sequence, read as the model's config says (`score_pooling`): the head's output at the last
+    attended token, or its mean over the response tokens (`response_mask`, same shape as `input_ids`)."""
     out = scalar_head_outputs(model, input_ids, attention_mask)
-    return out.gather(1, last_index(attention_mask).unsqueeze(1)).squeeze(1)
+    return pool_scores(out, attention_mask, response_mask, score_pooling(model))

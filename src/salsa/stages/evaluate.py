@@ -21,7 +21,7 @@ from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.progress import track
 from salsa.models.generation import decode, encode_prompts, sample
-from salsa.models.hf import load_reward_model, load_tokenizer, sequence_scores
+from salsa.models.hf import load_reward_model, load_tokenizer, response_positions, sequence_scores
 from salsa.models.loaders import model_loader
 from salsa.stages.rm import judge_kind
 
@@ -44,9 +44,10 @@ def answer(
         s = sample(model, tokenizer, query, mask, e.response_length, e.temperature, e.do_sample)
         texts += decode(tokenizer, s)
         ended += s.ended.tolist()
-        scores += sequence_scores(reward_model, s.sequences, s.attention_mask).tolist()
+        answer_tokens = response_positions(s.response_mask, s.sequences.size(1))
+        scores += sequence_scores(reward_model, s.sequences, s.attention_mask, answer_tokens).tolist()
         if judge_model is not None:
-            judged += sequence_scores(judge_model, s.sequences, s.attention_mask).tolist()
+            judged += sequence_scores(judge_model, s.sequences, s.attention_mask, answer_tokens).tolist()
         if reference is not None:
             temp = e.temperature if e.do_sample else 1.0
             logits_of = partial(response_logits, reference)
@@ -73,13 +74,15 @@ class TextJudge:
     def __call__(self, prompts: list[str], texts: list[str], ended: list[bool]) -> list[float]:
         tok, device, scores = self.tokenizer, next(self.model.parameters()).device, []
         for i in range(0, len(prompts), self.batch_size):
-            rows = [
-                prompt_ids(tok, p, self.max_prompt) + response_ids(tok, t, e)[: self.max_response]
+            parts = [
+                (prompt_ids(tok, p, self.max_prompt), response_ids(tok, t, e)[: self.max_response])
                 for p, t, e in zip(prompts[i : i + self.batch_size], texts[i : i + self.batch_size],
                                    ended[i : i + self.batch_size], strict=True)
             ]  # fmt: skip
-            ids, mask = pad_right(rows, tok.pad_token_id).to(device), pad_right([[1] * len(r) for r in rows], 0)
-            scores += sequence_scores(self.model, ids, mask.to(device)).tolist()
+            ids = pad_right([q + r for q, r in parts], tok.pad_token_id).to(device)
+            mask = pad_right([[1] * (len(q) + len(r)) for q, r in parts], 0).to(device)
+            answer_tokens = pad_right([[0] * len(q) + [1] * len(r) for q, r in parts], 0).to(device)
+            scores += sequence_scores(self.model, ids, mask, answer_tokens).tolist()
         return scores
 
 

@@ -19,21 +19,22 @@ from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.guards import check_finite
 from salsa.infra.training import fit_resumable
-from salsa.models.hf import load_reward_model, load_tokenizer, sequence_scores
+from salsa.models.hf import SCORE_POOLINGS, load_reward_model, load_tokenizer, sequence_scores
 from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
 from salsa.models.sharding import save_pretrained
 from salsa.stages.lm import SeededModule, planned_loader
 
 
 class PairDataset(Dataset):
-    """(chosen ids, rejected ids, gold margin) for each pair; the gold margin is NaN when no judge exists."""
+    """(chosen ids, rejected ids, gold margin, prompt length) for each pair; the gold margin is NaN when no judge
+    exists."""
 
     def __init__(self, tokenizer, pairs: list[Pair], max_prompt: int, max_response: int):
         self.items = []
         for p in pairs:
             context, chosen, rejected = pair_ids(tokenizer, p, max_prompt, max_response)
             margin = p.gold_margin if p.gold_margin is not None else float("nan")
-            self.items.append((context + chosen, context + rejected, margin))
+            self.items.append((context + chosen, context + rejected, margin, len(context)))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -43,26 +44,43 @@ class PairDataset(Dataset):
 
 
 def pair_batch(items, pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows: one forward pass scores both."""
-    seqs = [c for c, _, _ in items] + [r for _, r, _ in items]
+    """Chosen rows first, then rejected rows: one forward pass scores both. `response_mask` marks each row's
+    response tokens (for `rm.score=mean`)."""
+    seqs = [c for c, _, _, _ in items] + [r for _, r, _, _ in items]
+    prompt = [n for *_, n in items] * 2
     return {
         "input_ids": pad_right(seqs, pad_id),
         "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
-        "gold_margin": torch.tensor([m for _, _, m in items], dtype=torch.float32),
+        "response_mask": pad_right([[0] * n + [1] * (len(s) - n) for s, n in zip(seqs, prompt, strict=True)], 0),
+        "gold_margin": torch.tensor([m for _, _, m, _ in items], dtype=torch.float32),
     }
 
 
 class RewardModule(SeededModule):
-    """−log σ(r_chosen − r_rejected) (+ optional centering); accuracy on held-out labels and against the gold."""
+    """−log σ(r_chosen − r_rejected) (+ optional centering); accuracy on held-out labels and against the gold.
+    `head_lr`: the scalar head's own learning rate (None: `lr`, like the rest of the model)."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, center_coef: float = 0.0, **optimizer):
-        super().__init__(model, lr, center_coef=center_coef, **optimizer)
+    def __init__(
+        self, model: torch.nn.Module, lr: float, center_coef: float = 0.0, head_lr: float | None = None, **optimizer
+    ):
+        super().__init__(model, lr, center_coef=center_coef, head_lr=head_lr, **optimizer)
         self.val_accuracy = BinaryAccuracy()
         self.val_gold_agreement = BinaryAccuracy()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
+        scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"], batch.get("response_mask"))
         return scores.chunk(2)
+
+    def param_groups(self) -> list[dict]:
+        groups = super().param_groups()
+        head_lr = self.hparams.get("head_lr")
+        if head_lr is None or not hasattr(self.model, "score"):
+            return groups
+        head = {id(p) for p in self.model.score.parameters()}
+        body = [p for p in groups[0]["params"] if id(p) not in head]
+        own = [p for p in groups[0]["params"] if id(p) in head]
+        decay = self.hparams.weight_decay
+        return [{"params": body, "weight_decay": decay}, {"params": own, "weight_decay": decay, "lr": float(head_lr)}]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         r_chosen, r_rejected = self(batch)
@@ -109,10 +127,28 @@ def reward_pairs(ctx: Context, role: str) -> tuple[list, dict[str, Any]]:
 
 
 def rm_settings(cfg) -> dict:
-    """`rm.*` as it keys one reward model: without `members`, which says how many there are, not how each trains."""
+    """`rm.*` as it keys one reward model: without `members`, which says how many there are, not how each trains,
+    and without `score`/`head_lr` at their defaults (last token, one learning rate), so the reward models trained
+    before those settings existed keep their keys."""
     settings = plain(cfg.rm)
     settings.pop("members", None)
+    if settings.get("score", "last") == "last":
+        settings.pop("score", None)
+    if settings.get("head_lr") is None:
+        settings.pop("head_lr", None)
     return settings
+
+
+def check_score(cfg) -> str:
+    """`rm.score`, refused where it cannot be read back: `mean` is written into a full model's config, which a LoRA
+    reward adapter on a shared base does not own."""
+    score = str(cfg.rm.get("score", "last"))
+    if score not in SCORE_POOLINGS:
+        raise ConfigError("rm.score", f"must be one of {', '.join(SCORE_POOLINGS)}, got {score!r}")
+    if score != "last" and uses_adapters(cfg.model):
+        raise ConfigError("rm.score", f"{score} needs a full-weight reward model (the embedded model); LoRA reward "
+                          "adapters are read at the last token")  # fmt: skip
+    return score
 
 
 def heldout_pairs(ctx: Context, module: RewardModule, tok, work: Path, run_id: str | None) -> dict[str, float]:
@@ -128,6 +164,7 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> 
     """The reward model the policy is trained against (`role="policy"`), or the held-out judge (`"judge"`: another
     seed, the other share of the pairs); `member` i > 0 of a reward-model soup trains with seed rm.seed + 1000·i."""
     cfg = ctx.cfg
+    score = check_score(cfg)
     pairs, split = reward_pairs(ctx, role)
     seed = int(cfg.rm.seed) + (1 if role == "judge" else 0) + 1000 * member
     spec = {"base": base.key, "data": plain(cfg.data), "rm": rm_settings(cfg), **split}
@@ -147,14 +184,16 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> 
             tok = load_tokenizer(base.path)
             model = load_reward_model(base.path)
         model.config.pad_token_id = tok.pad_token_id
+        if score != "last":  # saved in config.json: every later reader scores the way the model was trained
+            model.config.score_pooling = score
         model.train()
         train = PairDataset(tok, pairs, r.max_prompt_length, r.max_response_length)
         collate = partial(pair_batch, pad_id=tok.pad_token_id)
         loader = planned_loader(train, r, collate, seed)
         total = len(loader.batch_sampler.plan)
         module = RewardModule(
-            model, r.lr, r.center_coef, weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, total_steps=total,
-            seed=seed,
+            model, r.lr, r.center_coef, head_lr=r.get("head_lr"), weight_decay=r.weight_decay,
+            warmup_steps=r.warmup_steps, total_steps=total, seed=seed,
         )  # fmt: skip
         fit_resumable(
             partial(ctx.trainer, work, run_id),
@@ -178,7 +217,7 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> 
         )
         return {
             "metrics": metrics, "format": "lora" if adapter else "full", "base": base.key, "role": role,
-            "member": member,
+            "member": member, "score": score,
         }  # fmt: skip
 
     return ctx.build("rm", spec, build)
@@ -208,7 +247,10 @@ def run_rm_soup(ctx: Context, members: list[Entry]) -> Entry:
         per_member = {k: round(v, 3) for k, v in metrics.items() if k.startswith("member")}
         log.info("[rm soup] held-out pair accuracy %.3f, agreement with gold %s (members: %s)", metrics["accuracy"],
                  metrics.get("gold_agreement"), per_member)  # fmt: skip
-        return {"metrics": metrics, "format": "full", "base": members[0].manifest.get("base"), "role": "policy"}
+        return {
+            "metrics": metrics, "format": "full", "base": members[0].manifest.get("base"), "role": "policy",
+            "score": members[0].manifest.get("score", "last"),
+        }  # fmt: skip
 
     return ctx.build("rm_soup", spec, build)
 
