@@ -63,3 +63,25 @@ def test_a_linear_judge_of_the_gold_features_recovers_noise_free_labels():
     assert held_out >= 0.95
     _, words_only = linear_baseline(train, val, [], l2=1e-5)
     assert words_only < held_out - 0.2
+
+
+def test_a_study_reads_back_what_it_wrote_including_older_csvs(tmp_path):
+    from salsa.analysis.rm_curve import Point, read_points, write_report
+
+    points = [
+        Point("base", 10, 3000, 1, 1e-3, 0, 94, 0.6, 0.58, 0.59, 80.0),
+        Point("base", 10, 3000, 1, 3e-4, 0, 94, 0.6, 0.61, 0.63, 90.0, "raters", "mean", 3e-3, "fresh"),
+    ]
+    write_report(points, 0.8, 0.8, tmp_path, ["python -m salsa.analysis.rm_curve --lrs ''"])
+    again, commands = read_points(tmp_path)
+    assert again == points and commands == ["python -m salsa.analysis.rm_curve --lrs ''"]
+    table = (tmp_path / "rm_curve.md").read_text()
+    row = "| base | 10 | raters | mean | 3000 | 1 | 0.0003 | 0.003 | 0 | 94 | 0.600 | fresh | 0.610 | 0.630 | 90 |"
+    assert row in table
+    assert "| base | 10 | raters | last | 3000 | 1 | 0.001 | – | 0 |" in table
+    # a csv written before score, head_lr and heldout existed: those columns take their defaults
+    csv_path = tmp_path / "rm_curve.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(",".join(row.split(",")[:12]) for row in lines[:2]) + "\n")
+    (old,), _ = read_points(tmp_path)
+    assert (old.score, old.head_lr, old.heldout) == ("last", None, "val")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.labels == "gold":
         pool = [gold_labelled(p) for p in pool]
     points, commands = read_points(args.out) if args.append else ([], [])
-    commands.append("python -m salsa.analysis.rm_curve " + " ".join(argv))
+    commands.append("python -m salsa.analysis.rm_curve " + shlex.join(argv))
     for seed in [int(s) for s in args.seeds.split(",")]:
         plan = grid(3000, sizes, [float(x) for x in args.lrs.split(",") if x],
                     [int(x) for x in args.epochs.split(",") if x], list(starts))  # fmt: skip

@@ -25,8 +25,9 @@ from typing import Any
 from filelock import FileLock
 
 MANIFEST = "manifest.json"
-# bump when a change to the code makes old cache entries wrong
-CACHE_VERSION = 2
+# bump when a change to the code makes old cache entries wrong (3: planned loaders served only their first chunk of
+# batches, again each epoch, to pretraining, SFT and reward models)
+CACHE_VERSION = 3
 
 
 def stage_key(stage: str, spec: dict[str, Any]) -> str:

@@ -36,14 +36,28 @@ def batch_plan(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int
     return plan
 
 
+class _EpochSetter:
+    """Where Lightning looks for a batch sampler's epoch setter (`batch_sampler.sampler.set_epoch`, before each epoch
+    and on resume): forwards it to the plan. Lightning does not call `set_epoch` on the batch sampler itself."""
+
+    def __init__(self, owner: PlanSampler):
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class PlanSampler(Sampler[list[int]]):
-    """A batch sampler serving a fixed plan `chunk` batches per Lightning epoch (Lightning calls `set_epoch`).
+    """A batch sampler serving a fixed plan `chunk` batches per Lightning epoch: epoch k serves batches
+    k·chunk … (k+1)·chunk − 1, so `num_chunks` epochs serve the whole plan once, and a run resumed at epoch k goes
+    on where it stopped. Lightning sets the epoch through `self.sampler` (see `_EpochSetter`).
 
     Under data parallelism every rank takes its own slice of each planned batch.
     """
 
     def __init__(self, plan: list[list[int]], chunk: int):
         self.plan, self.chunk, self.epoch = plan, chunk, 0
+        self.sampler = _EpochSetter(self)
 
     @property
     def num_chunks(self) -> int:
