@@ -377,9 +377,9 @@ def test_nan_reward_stops_ppo_keeps_checkpoint_and_fails_the_runs(upstream, tmp_
     calls = {"n": 0}
     original = FullActors.scores
 
-    def scores(self, sequences, attention_mask):
+    def scores(self, sequences, attention_mask, response_mask):
         calls["n"] += 1
-        out = original(self, sequences, attention_mask)
+        out = original(self, sequences, attention_mask, response_mask)
         return out * float("nan") if calls["n"] >= 3 else out  # the third rollout (iteration 2) goes NaN
 
     monkeypatch.setattr(FullActors, "scores", scores)
