@@ -128,8 +128,8 @@ def reward_pairs(ctx: Context, role: str) -> tuple[list, dict[str, Any]]:
 
 def rm_settings(cfg) -> dict:
     """`rm.*` as it keys one reward model: without `members`, which says how many there are, not how each trains,
-    and without `score`/`head_lr` at their defaults (last token, one learning rate), so the reward models trained
-    before those settings existed keep their keys."""
+    and without `score`/`head_lr` at their defaults (last token, one learning rate), so a default reward model's key
+    does not depend on settings it does not use."""
     settings = plain(cfg.rm)
     settings.pop("members", None)
     if settings.get("score", "last") == "last":
