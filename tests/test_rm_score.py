@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from salsa.config import check_groups
 from salsa.errors import ConfigError
 from salsa.infra.context import Context
 from salsa.models.hf import (
@@ -19,6 +20,7 @@ from salsa.models.hf import (
 )
 from salsa.pipeline import run
 from salsa.stages.rm import RewardModule, check_score, pair_batch, rm_settings
+from salsa.validate import validate
 from tests.conftest import make_cfg, with_upstream
 
 
@@ -76,13 +78,15 @@ def test_default_score_settings_keep_the_reward_models_keys(tmp_path):
     assert rm_settings(tuned)["score"] == "mean" and rm_settings(tuned)["head_lr"] == 0.003
     assert check_score(tuned) == "mean"
     with pytest.raises(ConfigError, match="rm.score"):
-        check_score(make_cfg(tmp_path, "rm.score=max"))
+        check_groups(make_cfg(tmp_path, "rm.score=max"))
 
 
 def test_mean_scores_are_refused_for_reward_adapters(tmp_path):
     cfg = make_cfg(tmp_path, "model=gemma2b", "rm.score=mean")
     with pytest.raises(ConfigError, match="full-weight"):
         check_score(cfg)
+    with pytest.raises(ConfigError, match="full-weight"):  # before anything runs
+        validate(cfg)
 
 
 @pytest.mark.slow

@@ -232,6 +232,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.get("name_or_path") and int(cfg.rm.get("members", 1)) > 1:
         raise ConfigError("rm.members", "reward-model soups (rm=soup) need full-weight reward models (the embedded "
                           "model); on hub models each reward model is an adapter with its own head")  # fmt: skip
+    if cfg.model.get("name_or_path") and cfg.rm.get("score", "last") != "last":
+        raise ConfigError("rm.score", f"{cfg.rm.score} needs a full-weight reward model (the embedded model); LoRA "
+                          "reward adapters are read at the last token")  # fmt: skip
     for warning in scale_warnings(cfg):
         log.warning(warning)
     task = cfg.data.get("task") or {}

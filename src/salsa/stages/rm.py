@@ -19,7 +19,7 @@ from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.guards import check_finite
 from salsa.infra.training import fit_resumable
-from salsa.models.hf import SCORE_POOLINGS, load_reward_model, load_tokenizer, sequence_scores
+from salsa.models.hf import load_reward_model, load_tokenizer, sequence_scores
 from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
 from salsa.models.sharding import save_pretrained
 from salsa.stages.lm import SeededModule, planned_loader
@@ -140,11 +140,10 @@ def rm_settings(cfg) -> dict:
 
 
 def check_score(cfg) -> str:
-    """`rm.score`, refused where it cannot be read back: `mean` is written into a full model's config, which a LoRA
-    reward adapter on a shared base does not own."""
+    """`rm.score` (its values are checked with the config, `salsa.config.RMConfig`), refused where it cannot be
+    read back, as `salsa.validate` refuses it before a run: `mean` is written into a full model's config, which a
+    LoRA reward adapter on a shared base does not own."""
     score = str(cfg.rm.get("score", "last"))
-    if score not in SCORE_POOLINGS:
-        raise ConfigError("rm.score", f"must be one of {', '.join(SCORE_POOLINGS)}, got {score!r}")
     if score != "last" and uses_adapters(cfg.model):
         raise ConfigError("rm.score", f"{score} needs a full-weight reward model (the embedded model); LoRA reward "
                           "adapters are read at the last token")  # fmt: skip
