@@ -22,6 +22,7 @@ from salsa.functional import (
     ppo_value_loss,
     shaped_rewards,
     token_logprobs,
+    unit_scale,
     warmup_cosine,
 )
 
@@ -300,3 +301,17 @@ def test_dpo_and_ipo_losses_by_hand():
     torch.testing.assert_close(losses, torch.tensor([1.0]))
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(*one, beta=0.5, loss_type="hinge")
+
+
+def test_unit_scale_of_scores():
+    # scores 0 and 4: mean 2, mean square 8, variance 4, s.d. 2 → factor 1/2
+    assert unit_scale(2.0, 8.0) == pytest.approx(0.5)
+    # scores −1, 1, 3: mean 1, mean square 11/3, variance 8/3
+    assert unit_scale(1.0, 11 / 3) == pytest.approx(math.sqrt(3 / 8))
+    scores = torch.tensor([0.3, -1.2, 2.5, 0.0])  # scaled by it, the scores have unit (population) s.d.
+    scale = unit_scale(scores.mean().item(), (scores**2).mean().item())
+    assert (scores * scale).std(unbiased=False).item() == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="do not vary"):
+        unit_scale(1.0, 1.0)  # constant scores
+    with pytest.raises(ValueError, match="do not vary"):
+        unit_scale(float("nan"), 1.0)

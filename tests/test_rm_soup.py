@@ -28,11 +28,13 @@ def test_rm_soup_trains_members_and_reports_each(upstream, tmp_path):
     assert results["rm_accuracy"] == metrics["accuracy"]
     for i, member in enumerate(members):
         assert metrics[f"member{i}_accuracy"] == member.manifest["metrics"]["accuracy"]
-    # the soup is the members' average, tensor by tensor
+    # the soup is the members' average, tensor by tensor, its head then scaled to unit s.d. (rm.normalize)
     weights = [load_file(e.path / "model.safetensors") for e in members]
     averaged = load_file(soup.path / "model.safetensors")
+    scale = metrics["reward_scale"]
     for k, v in averaged.items():
-        torch.testing.assert_close(v, sum(w[k] for w in weights) / 3, rtol=1e-6, atol=1e-7)
+        mean = sum(w[k] for w in weights) / 3
+        torch.testing.assert_close(v, mean * scale if k.startswith("score.") else mean, rtol=1e-6, atol=1e-7)
 
 
 def test_a_soup_of_identical_reward_models_is_that_model(upstream, tmp_path):
@@ -42,6 +44,7 @@ def test_a_soup_of_identical_reward_models_is_that_model(upstream, tmp_path):
     (rm,) = [e for e in ctx.entries if e.stage == "rm"]
     soup = run_rm_soup(ctx, [rm, rm, rm])
     member, souped = load_file(rm.path / "model.safetensors"), load_file(soup.path / "model.safetensors")
-    for k, v in member.items():
-        torch.testing.assert_close(souped[k], v, rtol=0, atol=1e-7)
+    for k, v in member.items():  # the head's second normalisation is by 1 (up to rounding)
+        torch.testing.assert_close(souped[k], v, rtol=1e-5 if k.startswith("score.") else 0, atol=1e-7)
+    assert soup.manifest["metrics"]["raw_score_sd"] == pytest.approx(1.0, rel=1e-5)
     assert soup.manifest["metrics"]["accuracy"] == pytest.approx(rm.manifest["metrics"]["accuracy"])

@@ -295,6 +295,7 @@ class RMConfig(Group):
     weight_decay: float = 0.0
     warmup_steps: int = 10
     center_coef: float = 0.01  # + center_coef · E[(r_c + r_r)²] keeps rewards centred at zero
+    normalize: bool = True  # scale the head so scores have unit s.d. on the held-out pairs' answers
     max_prompt_length: int = 32
     max_response_length: int = 48
     ckpt_every: int = 25  # optimizer steps per checkpoint

@@ -88,6 +88,16 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_
     return loss
 
 
+def unit_scale(mean: float, mean_square: float, min_sd: float = 1e-6) -> float:
+    """The factor that gives scores of this mean E[s] and mean square E[s²] a unit standard deviation:
+    1 / sqrt(E[s²] − E[s]²) (Ziegler et al. 2019 normalise their reward model this way, so that the KL
+    coefficient weighs the same against every reward model). Scores that barely vary have no such factor."""
+    var = mean_square - mean**2
+    if not math.isfinite(var) or var < min_sd**2:
+        raise ValueError(f"scores with mean {mean:.6g} and mean square {mean_square:.6g} do not vary (variance {var:.3g})")
+    return 1.0 / math.sqrt(var)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # KL to the reference
 # ---------------------------------------------------------------------------------------------------------------

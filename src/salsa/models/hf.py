@@ -109,6 +109,14 @@ def scalar_head_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return model.score(hidden).squeeze(-1).float()
 
 
+@torch.no_grad()
+def scale_score_head(model, factor: float) -> None:
+    """Multiply the scalar head (`score`, weight and any bias; both copies of a peft module to save) by `factor`,
+    which multiplies every score and value the model gives, whichever way they are pooled."""
+    for p in model.score.parameters():
+        p.mul_(factor)
+
+
 def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last attended token of each row (works for left and right padding)."""
     t = attention_mask.size(1)

@@ -9,17 +9,18 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from salsa.data.synthetic import Pair
 from salsa.data.tokens import pad_right, pair_ids
 from salsa.errors import ConfigError
-from salsa.functional import bradley_terry_loss
+from salsa.functional import bradley_terry_loss, unit_scale
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.guards import check_finite
 from salsa.infra.training import fit_resumable
-from salsa.models.hf import load_reward_model, load_tokenizer, sequence_scores
+from salsa.models.hf import load_reward_model, load_tokenizer, scale_score_head, sequence_scores
 from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
 from salsa.models.sharding import save_pretrained
 from salsa.stages.lm import SeededModule, planned_loader
@@ -66,6 +67,8 @@ class RewardModule(SeededModule):
         super().__init__(model, lr, center_coef=center_coef, head_lr=head_lr, **optimizer)
         self.val_accuracy = BinaryAccuracy()
         self.val_gold_agreement = BinaryAccuracy()
+        self.val_score = MeanMetric()  # E[s] and E[s²] over every held-out answer, chosen and rejected
+        self.val_score_square = MeanMetric()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"], batch.get("response_mask"))
@@ -96,6 +99,11 @@ class RewardModule(SeededModule):
         prob = torch.sigmoid(r_chosen - r_rejected)
         self.val_accuracy(prob, torch.ones_like(prob, dtype=torch.long))
         self.log("val/accuracy", self.val_accuracy)
+        scores = torch.cat([r_chosen, r_rejected]).float()
+        self.val_score(scores)
+        self.val_score_square(scores**2)
+        self.log("val/score_mean", self.val_score)
+        self.log("val/score_mean_square", self.val_score_square)
         margin = batch["gold_margin"]
         known = ~torch.isnan(margin)
         if known.any():
@@ -159,6 +167,32 @@ def heldout_pairs(ctx: Context, module: RewardModule, tok, work: Path, run_id: s
     return {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
 
 
+def normalize_scores(model, metrics: dict[str, float], label: str) -> dict[str, float]:
+    """`rm.normalize`: scale the scalar head so the model's scores have unit standard deviation over the held-out
+    pairs' answers (`metrics` from `heldout_pairs`, which it returns updated). The scale is folded into the weights,
+    so every reader of the checkpoint (PPO's rewards and its value model's start, GRPO/RLOO, the evaluation, an
+    exported engine) gets the normalised reward, and the KL coefficient weighs the same against every reward model.
+    The mean is not moved (the head has no bias); the centring term of training keeps it near zero."""
+    mean, square = metrics.pop("score_mean"), metrics.pop("score_mean_square")
+    try:
+        scale = unit_scale(mean, square)
+    except ValueError as e:
+        raise RuntimeError(f"[{label}] cannot normalise the reward model: its held-out {e}; set rm.normalize=false "
+                           "to keep its raw scores") from None  # fmt: skip
+    scale_score_head(model, scale)
+    log.info("[%s] scores scaled by %.4g to unit s.d. on held-out answers (raw s.d. %.4g, mean %.4g)", label, scale,
+             1 / scale, mean)  # fmt: skip
+    return {**metrics, "raw_score_sd": 1 / scale, "reward_scale": scale, "score_mean": mean * scale}
+
+
+def score_metrics(model, metrics: dict[str, float], normalize: bool, label: str) -> dict[str, float]:
+    """The held-out metrics as the manifest keeps them: normalised (`normalize_scores`), or with the raw s.d."""
+    if normalize:
+        return normalize_scores(model, metrics, label)
+    mean, square = metrics.pop("score_mean"), metrics.pop("score_mean_square")
+    return {**metrics, "raw_score_sd": max(square - mean**2, 0.0) ** 0.5, "score_mean": mean}
+
+
 def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> Entry:
     """The reward model the policy is trained against (`role="policy"`), or the held-out judge (`"judge"`: another
     seed, the other share of the pairs); `member` i > 0 of a reward-model soup trains with seed rm.seed + 1000·i."""
@@ -204,7 +238,8 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> 
             use_distributed_sampler=False,
             limit_val_batches=0,
         )
-        metrics = heldout_pairs(ctx, module, tok, work, run_id)
+        label = "rm" if role == "policy" else "judge rm"
+        metrics = score_metrics(model, heldout_pairs(ctx, module, tok, work, run_id), bool(r.normalize), label)
         save_pretrained(adapter or model, work)  # a sharded model (trainer=fsdp2) gathered, and written by rank 0
         tok.save_pretrained(str(work))
         log.info(
@@ -239,6 +274,8 @@ def run_rm_soup(ctx: Context, members: list[Entry]) -> Entry:
         model = load_reward_model(work)
         model.config.pad_token_id = tok.pad_token_id
         metrics = heldout_pairs(ctx, RewardModule(model, lr=cfg.rm.lr), tok, work, run_id)
+        metrics = score_metrics(model, metrics, bool(cfg.rm.normalize), "rm soup")  # the members' scales differ
+        model.save_pretrained(str(work))
         for i, e in enumerate(members):
             for k in ("accuracy", "gold_agreement"):
                 if k in e.manifest.get("metrics", {}):
