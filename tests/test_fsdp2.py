@@ -78,6 +78,10 @@ def test_fsdp2_trains_what_ddp_trains(runs):
         assert all(math.isfinite(v) for v in _metrics(ours).values())
         replica = ours.parent / f"{ours.name}.rank0-1"  # rank 1 trained alongside and recorded the same
         assert _metrics(replica) == pytest.approx(_metrics(ours), rel=1e-6), stage
+    # the reward model's head was scaled to unit s.d. (rm.normalize) in both: the sharded head's own weights, not
+    # the gathered copy FSDP2 drops at its next reshard
+    heads = [load_file(_published(run, "rm") / "model.safetensors")["score.weight"] for run in (fsdp2, ddp)]
+    torch.testing.assert_close(heads[0], heads[1], rtol=1e-4, atol=1e-6)
     for stage in STAGES:  # the gathered weights, written by rank 0, as DDP's rank 0 wrote them
         ours, theirs = (load_file(_published(d, stage) / "model.safetensors") for d in (fsdp2, ddp))
         assert sorted(ours) == sorted(theirs), stage  # tied weights once (Gemma's LM head is its embedding)

@@ -112,7 +112,13 @@ def scalar_head_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Te
 @torch.no_grad()
 def scale_score_head(model, factor: float) -> None:
     """Multiply the scalar head (`score`, weight and any bias; both copies of a peft module to save) by `factor`,
-    which multiplies every score and value the model gives, whichever way they are pooled."""
+    which multiplies every score and value the model gives, whichever way they are pooled. A head sharded by FSDP2
+    (`salsa.models.sharding`) is resharded first: a trained root unit stays gathered after its forward, and its
+    gathered copy is only a view that the next reshard throws away."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model.score, FSDPModule):
+        model.score.reshard()
     for p in model.score.parameters():
         p.mul_(factor)
 
