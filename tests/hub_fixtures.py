@@ -208,8 +208,9 @@ def gemma_checkpoint(
     return path
 
 
-def long_prompt_rows(n: int, words: int) -> list[dict]:
-    """UltraFeedback rows whose prompts run to about `words` words (over any 256-token limit)."""
+def long_prompt_rows(n: int, words: int, answer_words: int = 0) -> list[dict]:
+    """UltraFeedback rows whose prompts run to about `words` words (over any 256-token limit); with `answer_words`,
+    every answer (chosen, rejected, SFT) runs that long too, so the stages see their full configured lengths."""
     rows = ultrafeedback_rows(n)
     for i, r in enumerate(rows):
         filler = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(words))
@@ -217,4 +218,7 @@ def long_prompt_rows(n: int, words: int) -> list[dict]:
         r["prompt"] = prompt
         for key in ("chosen", "rejected", "messages"):
             r[key][0]["content"] = prompt
+            if answer_words:
+                answer = " ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(answer_words))
+                r[key][1]["content"] = f"{r[key][1]['content']} {answer}"
     return rows

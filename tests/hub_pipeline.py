@@ -44,9 +44,12 @@ class Observed:
         return heads
 
 
-def run_paper_gemma2b(root: Path, monkeypatch, checkpoint: dict[str, Any], *overrides: str, rows: int = 16) -> Observed:
+def run_paper_gemma2b(
+    root: Path, monkeypatch, checkpoint: dict[str, Any], *overrides: str, rows: int = 16, answer_words: int = 0
+) -> Observed:
     """Build the checkpoint and data under `root`, run the pipeline of `experiment=paper_gemma2b` (plus `overrides`)
-    in-process, and record every prompt's token ids, the reward heads' initial weights and the base loads."""
+    in-process, and record every prompt's token ids, the reward heads' initial weights and the base loads.
+    `answer_words`: answers that long (past the response limit), so SFT and the reward model train at full length."""
     from salsa.data import tokens
     from salsa.infra.context import Context
     from salsa.models import qlora
@@ -55,7 +58,7 @@ def run_paper_gemma2b(root: Path, monkeypatch, checkpoint: dict[str, Any], *over
     ckpt = gemma_checkpoint(root / "gemma", **checkpoint)
     data = root / "ultrafeedback"
     for split in ("train_sft", "test_sft", "train_prefs", "test_prefs"):
-        write_jsonl(data / f"{split}.jsonl", long_prompt_rows(rows, words=300))
+        write_jsonl(data / f"{split}.jsonl", long_prompt_rows(rows, words=300, answer_words=answer_words))
     observed = Observed(None, {}, [], None)
 
     real_chat_ids = tokens.chat_ids
