@@ -44,6 +44,18 @@ def test_metrics_keep_the_raw_sd_either_way():
         score_metrics(head, {"score_mean": 1.0, "score_mean_square": 1.0}, True, "rm")
 
 
+def test_a_reward_model_that_barely_separates_answers_is_named(caplog):
+    head = torch.nn.Module()
+    head.score = torch.nn.Linear(3, 1, bias=False)
+    with caplog.at_level("WARNING", logger="salsa"):
+        score_metrics(head, {"score_mean": 0.5, "score_mean_square": 0.25 + 0.01**2}, True, "rm")  # s.d. 0.01
+    assert "barely separates answers" in caplog.text and "50 s.d. from zero" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="salsa"):
+        score_metrics(head, {"score_mean": 0.1, "score_mean_square": 0.01 + 0.4**2}, True, "rm")  # the default's
+    assert "barely" not in caplog.text
+
+
 def test_the_setting_keys_the_reward_model(tmp_path):
     assert rm_settings(make_cfg(tmp_path))["normalize"] is True
     assert rm_settings(make_cfg(tmp_path, "rm.normalize=false"))["normalize"] is False

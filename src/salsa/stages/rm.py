@@ -167,6 +167,9 @@ def heldout_pairs(ctx: Context, module: RewardModule, tok, work: Path, run_id: s
     return {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
 
 
+OFFSET_WARNING = 3.0  # normalised held-out mean (in s.d.) past which `normalize_scores` warns
+
+
 def normalize_scores(model, metrics: dict[str, float], label: str) -> dict[str, float]:
     """`rm.normalize`: scale the scalar head so the model's scores have unit standard deviation over the held-out
     pairs' answers (`metrics` from `heldout_pairs`, which it returns updated). The scale is folded into the weights,
@@ -182,6 +185,10 @@ def normalize_scores(model, metrics: dict[str, float], label: str) -> dict[str, 
     scale_score_head(model, scale)
     log.info("[%s] scores scaled by %.4g to unit s.d. on held-out answers (raw s.d. %.4g, mean %.4g)", label, scale,
              1 / scale, mean)  # fmt: skip
+    if abs(mean * scale) > OFFSET_WARNING:
+        log.warning("[%s] the reward model barely separates answers: its held-out scores spread %.3g around %.3g, so "
+                    "normalised they sit %.0f s.d. from zero (train it longer, or rm.normalize=false)", label,
+                    1 / scale, mean, mean * scale)  # fmt: skip
     return {**metrics, "raw_score_sd": 1 / scale, "reward_scale": scale, "score_mean": mean * scale}
 
 
