@@ -2,10 +2,10 @@
 
 `experiment=paper_gemma2b` end to end at Gemma-2B's real vocabulary (256k) and width (2048, MLP 16384, 8 heads of
 256, one KV head) with 2 layers and random weights, a tokenizer with Gemma's special tokens and chat template, on
-UltraFeedback-format local files whose prompts and answers run past 256 tokens, at the paper's lengths (256 + 256) with few
-examples. Nothing is downloaded. Checks: the run completes; each stage's peak memory is within 1.3x of the memory
-estimator's figure for it; the reward model's head trained; the first PPO iteration's KL is ~0; every query starts
-with BOS (and keeps the chat template). The figures it prints go in the README's memory section.
+UltraFeedback-format local files whose prompts and answers run past 256 tokens, at the paper's lengths (256 + 256)
+with few examples. Nothing is downloaded. Checks: the run completes; each stage's peak memory is within 1.3x of the
+memory estimator's figure for it; the reward model's head trained; the first PPO iteration's KL is ~0; every query
+starts with BOS (and keeps the chat template). The figures it prints go in the README's memory section.
 """
 
 import json

@@ -94,7 +94,9 @@ def unit_scale(mean: float, mean_square: float, min_sd: float = 1e-6) -> float:
     coefficient weighs the same against every reward model). Scores that barely vary have no such factor."""
     var = mean_square - mean**2
     if not math.isfinite(var) or var < min_sd**2:
-        raise ValueError(f"scores with mean {mean:.6g} and mean square {mean_square:.6g} do not vary (variance {var:.3g})")
+        raise ValueError(
+            f"scores with mean {mean:.6g} and mean square {mean_square:.6g} do not vary (variance {var:.3g})"
+        )
     return 1.0 / math.sqrt(var)
 
 

@@ -175,7 +175,8 @@ def normalize_scores(model, metrics: dict[str, float], label: str) -> dict[str, 
     pairs' answers (`metrics` from `heldout_pairs`, which it returns updated). The scale is folded into the weights,
     so every reader of the checkpoint (PPO's rewards and its value model's start, GRPO/RLOO, the evaluation, an
     exported engine) gets the normalised reward, and the KL coefficient weighs the same against every reward model.
-    The mean is not moved (the head has no bias); the centring term of training keeps it near zero."""
+    The mean is not moved (the head has no bias): the centring term of training keeps it small, and a constant added
+    to every reward leaves the KL-regularised optimum unchanged. A mean far from zero in s.d. is warned about."""
     mean, square = metrics.pop("score_mean"), metrics.pop("score_mean_square")
     try:
         scale = unit_scale(mean, square)
@@ -251,7 +252,7 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> 
         tok.save_pretrained(str(work))
         log.info(
             "[%s] held-out pair accuracy %.3f, agreement with gold %s (%d training pairs)",
-            "rm" if role == "policy" else "judge rm",
+            label,
             metrics["accuracy"],
             metrics.get("gold_agreement"),
             len(pairs),
@@ -281,8 +282,11 @@ def run_rm_soup(ctx: Context, members: list[Entry]) -> Entry:
         model = load_reward_model(work)
         model.config.pad_token_id = tok.pad_token_id
         metrics = heldout_pairs(ctx, RewardModule(model, lr=cfg.rm.lr), tok, work, run_id)
-        metrics = score_metrics(model, metrics, bool(cfg.rm.normalize), "rm soup")  # the members' scales differ
-        model.save_pretrained(str(work))
+        if cfg.rm.normalize:  # an average of unit-scale members need not have a unit scale: normalised again
+            metrics = normalize_scores(model, metrics, "rm soup")
+            model.save_pretrained(str(work))
+        else:
+            metrics = score_metrics(model, metrics, False, "rm soup")
         for i, e in enumerate(members):
             for k in ("accuracy", "gold_agreement"):
                 if k in e.manifest.get("metrics", {}):
