@@ -19,8 +19,8 @@ from salsa.models.hf import (
     sequence_scores,
 )
 from salsa.pipeline import run
-from salsa.stages.rm import RewardModule, check_score, pair_batch, rm_settings
-from salsa.validate import validate
+from salsa.stages.rm import RewardModule, pair_batch, rm_settings
+from salsa.validate import check_rm_score, validate
 from tests.conftest import make_cfg, with_upstream
 
 
@@ -76,7 +76,7 @@ def test_default_score_settings_keep_the_reward_models_keys(tmp_path):
     assert "score" not in rm_settings(default) and "head_lr" not in rm_settings(default)
     tuned = make_cfg(tmp_path, "rm.score=mean", "rm.head_lr=0.003")
     assert rm_settings(tuned)["score"] == "mean" and rm_settings(tuned)["head_lr"] == 0.003
-    assert check_score(tuned) == "mean"
+    assert check_rm_score(tuned) == "mean"
     with pytest.raises(ConfigError, match="rm.score"):
         check_groups(make_cfg(tmp_path, "rm.score=max"))
 
@@ -84,7 +84,7 @@ def test_default_score_settings_keep_the_reward_models_keys(tmp_path):
 def test_mean_scores_are_refused_for_reward_adapters(tmp_path):
     cfg = make_cfg(tmp_path, "model=gemma2b", "rm.score=mean")
     with pytest.raises(ConfigError, match="full-weight"):
-        check_score(cfg)
+        check_rm_score(cfg)
     with pytest.raises(ConfigError, match="full-weight"):  # before anything runs
         validate(cfg)
 

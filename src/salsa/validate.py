@@ -209,6 +209,17 @@ def check_fsdp2(cfg: DictConfig) -> None:
         )
 
 
+def check_rm_score(cfg: DictConfig) -> str:
+    """`rm.score` (its values are checked with the config, `salsa.config.RMConfig`), refused where it cannot be read
+    back: `mean` is written into a full model's config, which a LoRA reward adapter on a hub model's shared base does
+    not own. Checked before a run and again by the reward-model stage."""
+    score = str(cfg.rm.get("score", "last"))
+    if score != "last" and cfg.model.get("name_or_path"):
+        raise ConfigError("rm.score", f"{score} needs a full-weight reward model (the embedded model); LoRA reward "
+                          "adapters are read at the last token")  # fmt: skip
+    return score
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value a run would trip over: each group's own checks (`salsa.config`), then
     the files the config names."""
@@ -232,9 +243,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.get("name_or_path") and int(cfg.rm.get("members", 1)) > 1:
         raise ConfigError("rm.members", "reward-model soups (rm=soup) need full-weight reward models (the embedded "
                           "model); on hub models each reward model is an adapter with its own head")  # fmt: skip
-    if cfg.model.get("name_or_path") and cfg.rm.get("score", "last") != "last":
-        raise ConfigError("rm.score", f"{cfg.rm.score} needs a full-weight reward model (the embedded model); LoRA "
-                          "reward adapters are read at the last token")  # fmt: skip
+    check_rm_score(cfg)
     for warning in scale_warnings(cfg):
         log.warning(warning)
     task = cfg.data.get("task") or {}

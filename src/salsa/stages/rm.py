@@ -24,6 +24,7 @@ from salsa.models.hf import load_reward_model, load_tokenizer, scale_score_head,
 from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
 from salsa.models.sharding import save_pretrained
 from salsa.stages.lm import SeededModule, planned_loader
+from salsa.validate import check_rm_score
 
 
 class PairDataset(Dataset):
@@ -147,17 +148,6 @@ def rm_settings(cfg) -> dict:
     return settings
 
 
-def check_score(cfg) -> str:
-    """`rm.score` (its values are checked with the config, `salsa.config.RMConfig`), refused where it cannot be
-    read back, as `salsa.validate` refuses it before a run: `mean` is written into a full model's config, which a
-    LoRA reward adapter on a shared base does not own."""
-    score = str(cfg.rm.get("score", "last"))
-    if score != "last" and uses_adapters(cfg.model):
-        raise ConfigError("rm.score", f"{score} needs a full-weight reward model (the embedded model); LoRA reward "
-                          "adapters are read at the last token")  # fmt: skip
-    return score
-
-
 def heldout_pairs(ctx: Context, module: RewardModule, tok, work: Path, run_id: str | None) -> dict[str, float]:
     """A reward model's held-out pair accuracy, agreement with the gold reward (where known) and loss."""
     r = ctx.cfg.rm
@@ -167,17 +157,20 @@ def heldout_pairs(ctx: Context, module: RewardModule, tok, work: Path, run_id: s
     return {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
 
 
-OFFSET_WARNING = 3.0  # normalised held-out mean (in s.d.) past which `normalize_scores` warns
+OFFSET_WARNING = 3.0  # normalised held-out mean (in s.d.) past which `score_metrics` warns
 
 
-def normalize_scores(model, metrics: dict[str, float], label: str) -> dict[str, float]:
-    """`rm.normalize`: scale the scalar head so the model's scores have unit standard deviation over the held-out
-    pairs' answers (`metrics` from `heldout_pairs`, which it returns updated). The scale is folded into the weights,
-    so every reader of the checkpoint (PPO's rewards and its value model's start, GRPO/RLOO, the evaluation, an
-    exported engine) gets the normalised reward, and the KL coefficient weighs the same against every reward model.
-    The mean is not moved (the head has no bias): the centring term of training keeps it small, and a constant added
-    to every reward leaves the KL-regularised optimum unchanged. A mean far from zero in s.d. is warned about."""
+def score_metrics(model, metrics: dict[str, float], normalize: bool, label: str) -> dict[str, float]:
+    """The held-out metrics (`heldout_pairs`) as the manifest keeps them, with the scores' raw s.d. and mean in place
+    of their moments. `normalize` (`rm.normalize`) also scales the scalar head so the scores have unit s.d. over the
+    held-out answers. The scale is folded into the weights, so every reader of the checkpoint (PPO's rewards and its
+    value model's start, GRPO/RLOO, the evaluation, an exported engine) gets the normalised reward, and the KL
+    coefficient weighs the same against every reward model. The mean is not moved (the head has no bias): the
+    centring term of training keeps it small, and a constant added to every reward leaves the KL-regularised optimum
+    unchanged. A mean far from zero in s.d. is warned about."""
     mean, square = metrics.pop("score_mean"), metrics.pop("score_mean_square")
+    if not normalize:
+        return {**metrics, "raw_score_sd": max(square - mean**2, 0.0) ** 0.5, "score_mean": mean}
     try:
         scale = unit_scale(mean, square)
     except ValueError as e:
@@ -193,19 +186,11 @@ def normalize_scores(model, metrics: dict[str, float], label: str) -> dict[str, 
     return {**metrics, "raw_score_sd": 1 / scale, "reward_scale": scale, "score_mean": mean * scale}
 
 
-def score_metrics(model, metrics: dict[str, float], normalize: bool, label: str) -> dict[str, float]:
-    """The held-out metrics as the manifest keeps them: normalised (`normalize_scores`), or with the raw s.d."""
-    if normalize:
-        return normalize_scores(model, metrics, label)
-    mean, square = metrics.pop("score_mean"), metrics.pop("score_mean_square")
-    return {**metrics, "raw_score_sd": max(square - mean**2, 0.0) ** 0.5, "score_mean": mean}
-
-
 def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> Entry:
     """The reward model the policy is trained against (`role="policy"`), or the held-out judge (`"judge"`: another
     seed, the other share of the pairs); `member` i > 0 of a reward-model soup trains with seed rm.seed + 1000·i."""
     cfg = ctx.cfg
-    score = check_score(cfg)
+    score = check_rm_score(cfg)
     pairs, split = reward_pairs(ctx, role)
     seed = int(cfg.rm.seed) + (1 if role == "judge" else 0) + 1000 * member
     spec = {"base": base.key, "data": plain(cfg.data), "rm": rm_settings(cfg), **split}
@@ -282,11 +267,10 @@ def run_rm_soup(ctx: Context, members: list[Entry]) -> Entry:
         model = load_reward_model(work)
         model.config.pad_token_id = tok.pad_token_id
         metrics = heldout_pairs(ctx, RewardModule(model, lr=cfg.rm.lr), tok, work, run_id)
-        if cfg.rm.normalize:  # an average of unit-scale members need not have a unit scale: normalised again
-            metrics = normalize_scores(model, metrics, "rm soup")
+        # an average of unit-scale members need not have a unit scale: normalised again
+        metrics = score_metrics(model, metrics, bool(cfg.rm.normalize), "rm soup")
+        if cfg.rm.normalize:
             model.save_pretrained(str(work))
-        else:
-            metrics = score_metrics(model, metrics, False, "rm soup")
         for i, e in enumerate(members):
             for k in ("accuracy", "gold_agreement"):
                 if k in e.manifest.get("metrics", {}):
