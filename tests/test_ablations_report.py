@@ -61,6 +61,16 @@ def test_each_arm_is_judged_against_its_own_runs_ppo_baseline():
     assert table.loc[PPO.label, "win_vs_sft_mean"] == pytest.approx(3.5 / 4)  # seed 1's first answer ties SFT's 0
 
 
+def test_plain_ppo_with_a_reward_model_soup_is_its_own_baseline():
+    jobs = _grid()
+    for seed in (0, 1):  # a ref=sft run answers no baseline of its own: no "ppo" rows
+        job = _job(seed, [0.5, 0.5], [])
+        jobs.append(Job("sft", 0.05, seed, job.results, job.answers, {}, start="sft", update="frozen", rm="soup3"))
+    table = arm_table(jobs, per_prompt=1, n_boot=200).set_index("arm")
+    soup_ppo = table.loc[Arm("sft", "sft", rm="soup3").label]
+    assert np.isnan(soup_ppo["win_vs_ppo_mean"]) and soup_ppo["gold_mean"] == pytest.approx(0.5)
+
+
 def test_runs_of_different_arms_are_paired_by_seed():
     jobs = [
         _job(0, [1.0, 2.0], [0.0, 0.0], rm="soup3"),

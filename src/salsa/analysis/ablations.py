@@ -51,6 +51,11 @@ class Arm:
             text += f" ({self.update})"
         return text + ("" if self.rm == "default" else f", rm {self.rm}")
 
+    @property
+    def is_ppo(self) -> bool:
+        """Plain PPO (start = anchor = SFT ingredient 0, frozen), with whichever reward model: its own baseline."""
+        return self.start == self.anchor == "sft" and self.update == "frozen"
+
 
 PPO = Arm("sft", "sft")
 
@@ -89,8 +94,8 @@ def arm_table(jobs: Sequence[Job], per_prompt: int, n_boot: int = 2000) -> pd.Da
         row: dict[str, Any] = {**arm.__dict__, "arm": arm.label, "seeds": len(seeds)}
         policy = _stack([runs[s].gold("policy", per_prompt) for s in seeds])
         for other in ("ppo", "sft"):
-            if other == "ppo" and arm == PPO:
-                continue  # plain PPO is its own baseline
+            if other == "ppo" and arm.is_ppo:
+                continue  # plain PPO (with one reward model or a soup) is its own baseline
             versus = _stack([runs[s].gold(other, per_prompt) for s in seeds])
             for k, v in _interval(comparison_scores(policy, versus, TIE), n_boot).items():
                 row[f"win_vs_{other}_{k}"] = v
