@@ -18,6 +18,7 @@ from salsa.models.memory import (
     inference_activation_bytes,
     kv_cache_bytes,
     layer_activation_bytes,
+    layer_gradient_bytes,
     logits_bytes,
     lora_parameters,
     main,
@@ -39,6 +40,9 @@ def test_terms_hand_cases():
     one = layer_activation_bytes(10, 4, 4, 2, 8)
     assert activation_bytes(3, 10, 4, 4, 2, 8, checkpointing=False) == 3 * one
     assert activation_bytes(3, 10, 4, 4, 2, 8, checkpointing=True) == 3 * 10 * 4 * 2 + one
+    # backward through one layer: the gradient in and out (2·hidden) and the MLP's three (3·intermediate), bf16
+    assert layer_gradient_bytes(tokens=1, hidden=1, intermediate=1) == 2 * 5
+    assert layer_gradient_bytes(tokens=10, hidden=4, intermediate=8) == 10 * 2 * (8 + 24)
     assert logits_bytes(2, 10, training=True) == 2 * 10 * 10 and logits_bytes(2, 10, training=False) == 2 * 10 * 6
     assert generation_logits_bytes(2, 10) == 2 * 10 * 12  # one step: logits, log-softmax, softmax
     assert scoring_logits_bytes(3, 5, 10) == 3 * 5 * 10 * 8  # well under the budget: every row at once
@@ -77,9 +81,18 @@ def test_estimate_parts_add_up():
     # frozen = the soup (rank 3·2) + the reward adapter (rank 2); trainable = two rank-2 adapters + the value head
     assert parts["frozen_adapter_parameters"] == 4 * parts["adapter_parameters"]
     assert parts["trainable_parameters"] == 2 * parts["adapter_parameters"] + 64
+    # policy and value forwards of a minibatch (2 × 8 tokens), one layer's backward, logits on the 2 × 5 responses
+    forward = activation_bytes(2, 16, 64, 64, 32, 128, checkpointing=True)
+    expected = 2 * forward + layer_gradient_bytes(16, 64, 128) + logits_bytes(10, 96, True)
+    assert parts["activations_train"] == expected
     # SFT differs from RM training on the same tokens by the LM head's logits (and their gradient)
     sft = estimate_supervised(shapes, "nf4", 2, batch=3, seq=7, lm_head=True)
-    assert sft - estimate_supervised(shapes, "nf4", 2, batch=3, seq=7, lm_head=False) == logits_bytes(21, 96, True)
+    rm = estimate_supervised(shapes, "nf4", 2, batch=3, seq=7, lm_head=False)
+    assert sft - rm == logits_bytes(21, 96, True)
+    # RM training: the base, one adapter + head with AdamW, the checkpointed forward, one layer's backward
+    adapter = parts["adapter_parameters"] + 64
+    forward = activation_bytes(2, 21, 64, 64, 32, 128, checkpointing=True)
+    assert rm == parts["base_weights"] + 4 * adapter + adam_bytes(adapter) + forward + layer_gradient_bytes(21, 64, 128)
     plain = estimate(shapes, "none", r=2, ingredients=3, rollout_batch=4, minibatch=2, prompt_len=3, response_len=5)
     assert plain["base_weights"] > parts["base_weights"] and plain["merge"] == 0
     # the soup merged into a plain base: one projection's weight and delta in float32, before the rollout

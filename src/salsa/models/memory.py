@@ -72,6 +72,14 @@ def activation_bytes(
     return layers * tokens * hidden * BF16 + one if checkpointing else layers * one
 
 
+def layer_gradient_bytes(tokens: int, hidden: int, intermediate: int) -> int:
+    """What backward holds on top while it goes through one decoder layer (bf16): the gradient arriving at the layer
+    and the one it passes down (2·hidden), and in the MLP the gradients of the product and of the gate's and up's
+    outputs, alive together before the product's is freed (3·intermediate). One layer at a time, with or without
+    checkpointing."""
+    return tokens * BF16 * (2 * hidden + 3 * intermediate)
+
+
 def logits_bytes(tokens: int, vocab: int, training: bool) -> int:
     """The LM head's output on the response positions: bf16 logits and their float32 log-softmax; training adds the
     float32 gradient."""
@@ -170,7 +178,8 @@ def estimate(
     forward = activation_bytes(
         shapes.layers, minibatch * seq, shapes.hidden, shapes.q_dim, shapes.kv_dim, shapes.intermediate, checkpointing
     )
-    train = 2 * forward + logits_bytes(minibatch * response_len, shapes.vocab, training=True)  # policy + value
+    backward = layer_gradient_bytes(minibatch * seq, shapes.hidden, shapes.intermediate)  # policy, then value
+    train = 2 * forward + backward + logits_bytes(minibatch * response_len, shapes.vocab, training=True)
     rollout = kv_cache_bytes(shapes.layers, rollout_batch, seq, shapes.kv_dim) + max(
         generation_logits_bytes(rollout_batch, shapes.vocab),
         scoring_logits_bytes(rollout_batch, response_len, shapes.vocab),  # reference log-probs
@@ -198,7 +207,7 @@ def estimate_supervised(
     shapes: Shapes, quant: str, r: int, batch: int, seq: int, lm_head: bool, checkpointing: bool = True
 ) -> float:
     """Peak bytes of SFT (`lm_head`: logits on every position) or reward-model training: the base, one trainable
-    adapter with its optimizer, one forward's activations."""
+    adapter with its optimizer, one forward's activations and one layer's gradients in backward."""
     other = shapes.parameters - shapes.linear
     base = (nf4_bytes(shapes.linear) if quant == "nf4" else shapes.linear * BF16) + other * BF16
     adapter = lora_parameters(shapes.targets, r) + shapes.hidden
@@ -211,6 +220,7 @@ def estimate_supervised(
         + adapter * FP32
         + adam_bytes(adapter)
         + acts
+        + layer_gradient_bytes(tokens, shapes.hidden, shapes.intermediate)
         + (logits_bytes(tokens, shapes.vocab, True) if lm_head else 0)
     )
 
