@@ -9,6 +9,7 @@ from salsa.analysis.ablations import (
     PPO,
     Arm,
     arm_table,
+    comparisons,
     decomposition,
     head_to_head,
     markdown,
@@ -17,11 +18,13 @@ from salsa.analysis.ablations import (
 from salsa.analysis.replicate import Job, run_design
 
 
-def _job(seed, policy, baseline, start="sft", ref="sft", update="frozen", rm="default", history=None) -> Job:
+def _job(
+    seed, policy, baseline, start="sft", ref="sft", update="frozen", rm="default", history=None, kl_coef=0.05
+) -> Job:
     rows = [("policy", g) for g in policy] + [("sft", 0.0) for _ in policy] + [("ppo", g) for g in baseline]
     answers = pd.DataFrame({"model": [m for m, _ in rows], "gold_reward": [g for _, g in rows]})
     results = {"rm_reward": 0.5, "kl_to_ref": 2.0, "rm_accuracy": 0.6, "rm_gold_agreement": 0.62}
-    return Job(ref, 0.05, seed, results, answers, history or {}, start=start, update=update, rm=rm)
+    return Job(ref, kl_coef, seed, results, answers, history or {}, start=start, update=update, rm=rm)
 
 
 def _grid():
@@ -84,6 +87,25 @@ def test_runs_of_different_arms_are_paired_by_seed():
     assert row["seeds"] == 2
     assert row["win_mean"] == pytest.approx(1 / 4)  # seed 0: 1 > 0 wins, 2 < 3 loses; seed 1 loses both
     assert row["gold_gain_mean"] == pytest.approx(((1 - 0) + (2 - 3) + (0 - 1) + (0 - 1)) / 4)
+
+
+def test_moving_anchors_meet_plain_ppo_at_a_smaller_kl_coefficient():
+    jobs = _grid()
+    for seed, ppo in {0: [1.0, 1.0], 1: [0.0, 2.0]}.items():
+        jobs.append(_job(seed, [2.0, 0.0], [2.0, 0.0], kl_coef=0.01))  # plain PPO at β = 0.01: its own answers
+        jobs.append(_job(seed, [2.0, 1.0], ppo, update="ema"))
+    arms = list(arm_table(jobs, per_prompt=1, n_boot=100)["arm"])
+    weak = Arm("sft", "sft", kl_coef=0.01)
+    assert weak.label == "start sft, anchor sft, β 0.01" and weak.label in arms and PPO.label in arms
+    table = arm_table(jobs, per_prompt=1, n_boot=100).set_index("arm")
+    assert np.isnan(table.loc[weak.label, "win_vs_ppo_mean"])  # its own baseline, like PPO at the grid's β
+    pairs = comparisons(list({Arm("sft", "sft", "ema"), weak, PPO, Arm("soup3", "soup3")}))
+    assert pairs["penalty"] == [(Arm("sft", "sft", "ema"), weak), (Arm("sft", "sft", "sync"), weak)]
+    assert comparisons()["penalty"] == []
+    row = head_to_head(jobs, pairs["penalty"], per_prompt=1, n_boot=100).iloc[0]
+    assert row["seeds"] == 2
+    assert row["win_mean"] == pytest.approx(0.75)  # per seed: 2 = 2 ties, 1 > 0 wins
+    assert row["gold_gain_mean"] == pytest.approx(0.5)
 
 
 def test_over_optimisation_finds_gold_falling_while_the_rm_rises():

@@ -37,23 +37,29 @@ TIE = 1e-6
 OVEROPT_DROP = 0.1  # a smoothed gold reward this far below its peak at the end counts as over-optimised
 
 
+GRID_KL = 0.05  # the ablations' KL coefficient (ppo.kl_coef's default); an arm at another one names it
+
+
 @dataclass(frozen=True, order=True)
 class Arm:
     start: str
     anchor: str
     update: str = "frozen"
     rm: str = "default"
+    kl_coef: float = GRID_KL
 
     @property
     def label(self) -> str:
         text = f"start {self.start}, anchor {self.anchor}"
         if self.update != "frozen":
             text += f" ({self.update})"
-        return text + ("" if self.rm == "default" else f", rm {self.rm}")
+        text += "" if self.rm == "default" else f", rm {self.rm}"
+        return text + ("" if self.kl_coef == GRID_KL else f", β {self.kl_coef:g}")
 
     @property
     def is_ppo(self) -> bool:
-        """Plain PPO (start = anchor = SFT ingredient 0, frozen), with whichever reward model: its own baseline."""
+        """Plain PPO (start = anchor = SFT ingredient 0, frozen), with whichever reward model and β: its own
+        baseline (its run's `ppo` answers are its own)."""
         return self.start == self.anchor == "sft" and self.update == "frozen"
 
 
@@ -61,7 +67,7 @@ PPO = Arm("sft", "sft")
 
 
 def arm_of(job: Job) -> Arm:
-    return Arm(job.start or job.ref, job.ref, job.update, job.rm)
+    return Arm(job.start or job.ref, job.ref, job.update, job.rm, float(job.kl_coef))
 
 
 def by_arm(jobs: Sequence[Job]) -> dict[Arm, dict[int, Job]]:
@@ -185,11 +191,15 @@ def overoptimisation(jobs: Sequence[Job]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def comparisons() -> dict[str, list[tuple[Arm, Arm]]]:
+def comparisons(arms: Sequence[Arm] = ()) -> dict[str, list[tuple[Arm, Arm]]]:
+    """The head-to-head pairs; `arms` (those the sweeps hold) add the moving anchors against plain PPO at every
+    smaller KL coefficient run: does a moving anchor only weaken the penalty?"""
     soup, sft = Arm("soup3", "soup3"), PPO
     moving = [Arm("sft", "sft", u) for u in ("ema", "sync")]
+    weaker = sorted(a for a in arms if a.is_ppo and a.rm == "default" and a.kl_coef < GRID_KL)
     return {
         "moving": [(m, ref) for m in moving for ref in (sft, soup)],
+        "penalty": [(m, ref) for m in moving for ref in weaker],
         "rm_soup": [(Arm(a.start, a.anchor, rm="soup3"), a) for a in (sft, soup)]
         + [(Arm("soup3", "soup3", rm="soup3"), Arm("sft", "sft", rm="soup3"))],
     }
@@ -235,7 +245,11 @@ def markdown(table: pd.DataFrame, parts: pd.DataFrame, versus: dict[str, pd.Data
         lines += ["", "start: soup start, SFT anchor; anchor: SFT start, soup anchor; both: SALSA; interaction:",
                   "both − start − anchor. Shares are ratios of bootstrap means drawn together; wide when SALSA's own",
                   "gain is small."]  # fmt: skip
-    titles = {"moving": "Moving anchors against frozen ones", "rm_soup": "A soup of reward models against one"}
+    titles = {
+        "moving": "Moving anchors against frozen ones",
+        "penalty": "Moving anchors against plain PPO with a weaker KL penalty",
+        "rm_soup": "A soup of reward models against one",
+    }
     for name, df in versus.items():
         if df.empty:
             continue
@@ -262,7 +276,8 @@ def write_report(jobs: Sequence[Job], per_prompt: int, out_dir: str | Path, n_bo
     out.mkdir(parents=True, exist_ok=True)
     table = arm_table(jobs, per_prompt, n_boot)
     parts = decomposition(jobs, per_prompt, n_boot)
-    versus = {name: head_to_head(jobs, pairs, per_prompt, n_boot) for name, pairs in comparisons().items()}
+    pairs_by_name = comparisons(list(by_arm(jobs)))
+    versus = {name: head_to_head(jobs, pairs, per_prompt, n_boot) for name, pairs in pairs_by_name.items()}
     paths = {"csv": out / "ablations.csv", "md": out / "ablations.md"}
     table.round(6).to_csv(paths["csv"], index=False)
     paths["md"].write_text(markdown(table, parts, versus, overoptimisation(jobs)))
