@@ -12,7 +12,8 @@ time. Each stage loads the base once and frees it when it ends (`salsa.infra.con
 stage's peak.
 
 Each term is a small function below. Activations are an approximation: the tensors autograd keeps for one decoder
-layer in bf16, counted for a Llama/Gemma layer; CUDA's context and allocator fragmentation (~0.5-1 GiB) come on top.
+layer in bf16, and the gradients backward holds while it goes through one, counted for a Llama/Gemma layer; CUDA's
+context and allocator fragmentation (~0.5-1 GiB) come on top.
 """
 
 from __future__ import annotations
