@@ -94,10 +94,9 @@ def test_moving_anchors_meet_plain_ppo_at_a_smaller_kl_coefficient():
     for seed, ppo in {0: [1.0, 1.0], 1: [0.0, 2.0]}.items():
         jobs.append(_job(seed, [2.0, 0.0], [2.0, 0.0], kl_coef=0.01))  # plain PPO at β = 0.01: its own answers
         jobs.append(_job(seed, [2.0, 1.0], ppo, update="ema"))
-    arms = list(arm_table(jobs, per_prompt=1, n_boot=100)["arm"])
-    weak = Arm("sft", "sft", kl_coef=0.01)
-    assert weak.label == "start sft, anchor sft, β 0.01" and weak.label in arms and PPO.label in arms
     table = arm_table(jobs, per_prompt=1, n_boot=100).set_index("arm")
+    weak = Arm("sft", "sft", kl_coef=0.01)
+    assert weak.label == "start sft, anchor sft, β 0.01" and weak.label in table.index and PPO.label in table.index
     assert np.isnan(table.loc[weak.label, "win_vs_ppo_mean"])  # its own baseline, like PPO at the grid's β
     pairs = comparisons(list({Arm("sft", "sft", "ema"), weak, PPO, Arm("soup3", "soup3")}))
     assert pairs["penalty"] == [(Arm("sft", "sft", "ema"), weak), (Arm("sft", "sft", "sync"), weak)]

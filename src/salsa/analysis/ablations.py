@@ -35,8 +35,6 @@ log = logging.getLogger("salsa")
 
 TIE = 1e-6
 OVEROPT_DROP = 0.1  # a smoothed gold reward this far below its peak at the end counts as over-optimised
-
-
 GRID_KL = 0.05  # the ablations' KL coefficient (ppo.kl_coef's default); an arm at another one names it
 
 

@@ -171,8 +171,7 @@ def estimate(
     the soup is folded into a plain-weight base first (`ppo.merge_start`); its negated adapter replaces the soup's,
     and the merge itself holds one projection's weight and delta in float32 for a moment, before the rollout."""
     seq = prompt_len + response_len
-    other = shapes.parameters - shapes.linear
-    base = (nf4_bytes(shapes.linear) if quant == "nf4" else shapes.linear * BF16) + other * BF16
+    base = base_bytes(shapes, quant)
     one_adapter = lora_parameters(shapes.targets, r)
     frozen = lora_parameters(shapes.targets, r * ingredients) + one_adapter  # the soup (rank Σr) and the reward's
     trainable = 2 * one_adapter + shapes.hidden  # the policy's new adapter, the value adapter and its head
@@ -209,8 +208,7 @@ def estimate_supervised(
 ) -> float:
     """Peak bytes of SFT (`lm_head`: logits on every position) or reward-model training: the base, one trainable
     adapter with its optimizer, one forward's activations and one layer's gradients in backward."""
-    other = shapes.parameters - shapes.linear
-    base = (nf4_bytes(shapes.linear) if quant == "nf4" else shapes.linear * BF16) + other * BF16
+    base = base_bytes(shapes, quant)
     adapter = lora_parameters(shapes.targets, r) + shapes.hidden
     tokens = batch * seq
     acts = activation_bytes(
