@@ -130,7 +130,7 @@ def load_base(settings: BaseSettings, device: torch.device | str, scalar_head: b
     if quant is None:
         model.to(device)
     else:
-        portable_4bit_kernels(model)
+        set_cpu_4bit_kernel(model, "float32")
     model.requires_grad_(False)
     for module in model.modules():  # attention dropout is read at construction; PPO's logprobs need it off
         if isinstance(getattr(module, "attention_dropout", None), float):
@@ -144,19 +144,59 @@ def load_base(settings: BaseSettings, device: torch.device | str, scalar_head: b
     return model
 
 
-def portable_4bit_kernels(model: nn.Module) -> None:
-    """Keep every 4-bit layer on bitsandbytes' portable CPU path, whatever the CPU.
+# The kernels bitsandbytes can compute a 4-bit layer's forward with on a CPU:
+#   float32     dequantise the weight to float32 and multiply in float32 (every CPU; the only one autograd uses);
+#   avx512bf16  repack the weight once into another layout and multiply in bf16 (CPUs with AVX512-BF16, that is
+#               Intel Sapphire Rapids and later, AMD Zen 4 and later; eval-mode forwards without gradients only).
+# bitsandbytes picks avx512bf16 by itself wherever the CPU has it; the project always sets the kernel explicitly.
+CPU_4BIT_KERNELS = ("float32", "avx512bf16")
 
-    On CPUs with AVX512-BF16 (Intel Sapphire Rapids and later), bitsandbytes repacks a 4-bit weight into another
-    layout at its first forward in eval mode without gradients, and from then on computes such forwards in bf16.
-    Rollout and reference log-probabilities (no gradients) would then come from other arithmetic than the same
-    model's log-probabilities in the PPO update, so the first importance ratio would not be 1, and results would
-    depend on which CPU ran them. Switching the repack off keeps one layout and float32 arithmetic everywhere; GPUs
-    never take that path.
+
+def cpu_has_avx512bf16() -> bool:
+    """Whether this CPU can run bitsandbytes' avx512bf16 kernel (it registers that kernel only then, at import)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def set_cpu_4bit_kernel(model: nn.Module, kernel: str = "float32") -> None:
+    """Make every 4-bit layer of `model` compute its CPU forwards with `kernel` (one of `CPU_4BIT_KERNELS`).
+
+    The pipeline keeps float32: with avx512bf16, rollout and reference log-probabilities (no gradients) would come
+    from bf16 arithmetic and the PPO update's (with gradients) from float32, so the first importance ratio would not
+    be 1, and results would depend on which CPU ran them. Set the kernel before the first forward: a layer that
+    avx512bf16 already repacked has had its block scales rounded to bf16, which no unpacking restores, so it is
+    refused.
     """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    if kernel not in CPU_4BIT_KERNELS:
+        raise AdapterError(f"4-bit CPU kernel must be one of {CPU_4BIT_KERNELS}, got {kernel!r}")
+    if kernel == "avx512bf16" and not cpu_has_avx512bf16():
+        raise AdapterError("the avx512bf16 4-bit kernel needs a CPU with AVX512-BF16, which this one lacks")
+    for name, module in model.named_modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        if kernel == "float32" and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise AdapterError(
+                f"4-bit layer {name or type(module).__name__} was already repacked for the avx512bf16 kernel, which "
+                "rounded its scales to bf16: reload the model and set the kernel before its first forward"
+            )
+        module.support_avx512bf16_for_cpu = kernel == "avx512bf16"
+
+
+def cpu_4bit_kernel(model: nn.Module) -> str | None:
+    """The kernel the 4-bit layers of `model` use for CPU forwards without gradients: one of `CPU_4BIT_KERNELS`,
+    "mixed" where layers differ, None where there is no 4-bit layer."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    if not layers:
+        return None
+    bf16 = {
+        bool(m.support_avx512bf16_for_cpu and cpu_has_avx512bf16())
+        or getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in layers
+    }
+    if len(bf16) > 1:
+        return "mixed"
+    return "avx512bf16" if bf16.pop() else "float32"
 
 
 def enable_checkpointing(model: nn.Module, context_fn=None) -> None:
