@@ -109,3 +109,54 @@ def test_settings_that_make_no_sense_are_refused_or_warned(tmp_path):
     # the tiny model cannot pretrain on a hub dataset that gives it no documents
     with pytest.raises(ConfigError, match="^model: model=tiny is pretrained on the task's documents"):
         check_groups(make_cfg(tmp_path, "data=ultrafeedback", debug=False))
+
+
+def _experiments(conf: Path, **files: str) -> Path:
+    """A config directory outside the repository holding `experiment/<name>.yaml` for each of `files`."""
+    (conf / "experiment").mkdir(parents=True)
+    for name, body in files.items():
+        (conf / "experiment" / f"{name}.yaml").write_text(f"# @package _global_\n{body}")
+    return conf
+
+
+def test_experiments_in_a_hydra_searchpath_dir_are_options(tmp_path):
+    """An experiment kept outside the repository (`hydra.searchpath`) composes; a misspelled key in it is one line
+    naming the key and the file; an unknown option is refused with the options of every search dir."""
+    from salsa.cli import composition_error, search_dirs, unknown_group_option
+
+    ext = _experiments(tmp_path / "mine" / "conf", mine="ppo:\n  kl_coef: 0.07\n", typo="ppo:\n  kl_cof: 0.07\n")
+    searchpath = f"hydra.searchpath=[file://{ext}]"
+    argv = ["experiment=mine", searchpath]
+    assert search_dirs(argv, CONF) == [CONF, ext]
+    assert unknown_group_option(argv, search_dirs(argv, CONF)) is None
+    assert composition_error(argv, CONF, "train") is None
+    typo = composition_error(["experiment=typo", searchpath], CONF, "train")
+    assert typo == f"ppo.kl_cof: no such key (did you mean kl_coef?) (in {ext}/experiment/typo.yaml)"
+    unknown = ["experiment=nope", searchpath]
+    message = unknown_group_option(unknown, search_dirs(unknown, CONF))
+    assert message == (
+        "experiment=nope is not an option; experiment is one of: ablations, algorithms, example, mine, paper_gemma2b, "
+        "paper_llama2_7b, paper_mistral7b, replicate, typo"
+    )
+    assert unknown_group_option(["experiment=mine"], CONF).startswith("experiment=mine is not an option")  # no path
+
+
+def test_search_dirs_are_found_as_hydra_finds_them(tmp_path, monkeypatch):
+    """`file://` paths relative to the current directory, bare paths, `pkg://` packages (dots or slashes), and the
+    primary config's `hydra.searchpath`, which one on the command line replaces. Missing dirs are left out."""
+    from salsa.cli import search_dirs
+
+    ext = _experiments(tmp_path / "conf", mine="seed: 1\n")
+    package = tmp_path / "site" / "salsa_test_configs"
+    _experiments(package / "conf", theirs="seed: 2\n")
+    for init in (package / "__init__.py", package / "conf" / "__init__.py"):
+        init.write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.chdir(tmp_path)
+    got = search_dirs(["hydra.searchpath=[file://conf,conf,file://missing,pkg://salsa_test_configs/conf]"], CONF)
+    assert [Path(str(d)).resolve() for d in got] == [CONF, ext.resolve(), ext.resolve(), package.resolve() / "conf"]
+    main = tmp_path / "main"
+    main.mkdir()
+    (main / "train.yaml").write_text(f"hydra:\n  searchpath:\n    - file://{ext}\n")
+    assert search_dirs(["experiment=mine"], main) == [main, ext]
+    assert search_dirs(["hydra.searchpath=[]"], main) == [main]  # the command line's replaces the config's

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from salsa.infra.cache import StageCache
 from salsa.infra.guards import NonFiniteError
@@ -355,6 +356,126 @@ def test_strategies_that_can_run_a_run_are_not_refused(overrides, tmp_path):
     from salsa.validate import check_strategy
 
     check_strategy(make_cfg(tmp_path, *overrides))
+
+
+def _refusal(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[str, float]:
+    """The one line a refused command prints and the seconds it took (exit code 2: a config error)."""
+    started = time.time()
+    r = _run(cmd, env=env, cwd=str(cwd))
+    elapsed = time.time() - started
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0], elapsed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experiments kept outside the repository (hydra.searchpath): they run, and their mistakes are one line too
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def external_conf(tmp_path) -> Path:
+    """A researcher's own config directory, outside the repository: an experiment, and one with a misspelled key."""
+    conf = tmp_path / "my_configs" / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "experiment" / "mine.yaml").write_text("# @package _global_\nppo:\n  kl_coef: 0.07\n")
+    (conf / "experiment" / "typo.yaml").write_text("# @package _global_\nppo:\n  kl_cof: 0.07\n")
+    return conf
+
+
+def test_an_experiment_outside_the_repository_runs(external_conf, tmp_path):
+    log_dir = tmp_path / "logs"
+    args = ["experiment=mine", f"hydra.searchpath=[file://{external_conf}]", "debug=default", "stage=base"]
+    r = _run([*TRAIN, *args, "logger=none", f"paths.log_dir={log_dir}"], cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = (log_dir / "runs").iterdir()
+    assert OmegaConf.load(run_dir / "resolved_config.yaml").ppo.kl_coef == 0.07
+
+
+EXTERNAL = {
+    # case: (arguments, the one line; run from the directory holding conf/, so file://conf is relative to it)
+    "misspelled key": (
+        ["experiment=typo", "hydra.searchpath=[file://conf]"],
+        "error: ppo.kl_cof: no such key (did you mean kl_coef?) (in {conf}/experiment/typo.yaml)",
+    ),
+    "unknown option": (
+        ["experiment=nope", "hydra.searchpath=[file://conf]"],
+        "error: experiment=nope is not an option; experiment is one of: ablations, algorithms, example, mine, "
+        "paper_gemma2b, paper_llama2_7b, paper_mistral7b, replicate, typo",
+    ),
+    "misspelled search dir": (
+        ["experiment=mine", "hydra.searchpath=[file://conff]"],
+        "error: experiment=mine is not an option; experiment is one of: ablations, algorithms, example, "
+        "paper_gemma2b, paper_llama2_7b, paper_mistral7b, replicate (hydra.searchpath: no directory file://conff)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXTERNAL))
+def test_mistakes_with_an_external_experiment_are_one_line(case, external_conf, tmp_path):
+    args, expected = EXTERNAL[case]
+    line, elapsed = _refusal([*TRAIN, *args, "debug=default", f"paths.log_dir={tmp_path}"], cwd=external_conf.parent)
+    assert line == expected.format(conf=external_conf) and elapsed < 30
+    assert not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A Trainer asking for GPUs that are not there: one line before any stage
+# ---------------------------------------------------------------------------------------------------------------
+NO_GPU_SEEN = "no GPU is visible (torch.cuda.device_count() is 0): on CPU run with"
+GPU_ON_CPU = f"error: trainer.accelerator: gpu, and {NO_GPU_SEEN} trainer.accelerator=cpu trainer.precision=32-true"
+NO_GPU = {
+    # override: the one line, as a CPU-only machine answers it (the ids are not `gpu`, the marker of GPU-only tests)
+    "trainer=gpu": GPU_ON_CPU,
+    "trainer=fsdp2": GPU_ON_CPU,
+    "trainer=deepspeed": f"error: trainer.strategy: deepspeed_stage_2 runs on CUDA GPUs only, and {NO_GPU_SEEN} "
+    "trainer=ddp trainer.accelerator=cpu",
+}
+
+
+@pytest.mark.parametrize("trainer", sorted(NO_GPU))
+def test_gpu_trainers_without_a_gpu_are_one_line_before_any_stage(trainer, tmp_path):
+    """Lightning would refuse these once the base stage had started, after seconds and in many lines. GPUs are
+    hidden from the run (CUDA_VISIBLE_DEVICES=""), so a GPU machine answers as a CPU-only one does."""
+    cmd = [*TRAIN, "debug=default", f"paths.log_dir={tmp_path}", trainer]
+    line, elapsed = _refusal(cmd, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert line == NO_GPU[trainer]
+    assert elapsed < 10  # start-up and the import of torch; Lightning's own refusal came after about 8 s
+    assert not (tmp_path / "cache").exists()  # no stage started
+
+
+def _accelerator_check(tmp_path: Path, gpus: int, *overrides: str, monkeypatch) -> None:
+    from salsa import validate
+
+    monkeypatch.setattr(validate, "visible_gpus", lambda: gpus)
+    validate.check_accelerator(make_cfg(tmp_path, *overrides))
+
+
+@pytest.mark.parametrize(
+    ("gpus", "overrides"),
+    [(0, ()), (0, ("trainer=cpu",)), (0, ("trainer=ddp",)), (0, ("trainer=fsdp2", "trainer.accelerator=cpu")),
+     (0, ("trainer=ddp", "trainer.devices=auto")), (1, ("trainer=gpu",)), (1, ("trainer=ddp", "trainer.devices=1")),
+     (2, ("trainer=fsdp2",)), (2, ("trainer=deepspeed",)), (2, ("trainer=gpu", "trainer.devices=[0,1]")),
+     (1, ("trainer=gpu", "trainer.devices=-1")), (1, ("trainer=gpu", "trainer.devices=auto"))],
+)  # fmt: skip
+def test_trainers_the_machine_can_run_are_not_refused(gpus, overrides, tmp_path, monkeypatch):
+    """`auto` falls back to CPU processes where there is no GPU, as Lightning does; GPUs that are there suffice."""
+    _accelerator_check(tmp_path, gpus, *overrides, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "overrides", "expected"),
+    [(1, ("trainer=ddp",), "trainer.devices: 2 needs 2 GPUs and 1 GPU is visible: use trainer.devices=1"),
+     (2, ("trainer=gpu", "trainer.devices='0,2'"), "trainer.devices: 0,2 needs 3 GPUs and 2 GPUs are visible"),
+     (0, ("trainer=gpu", "trainer.accelerator=cuda"), "trainer.accelerator: cuda, and no GPU is visible"),
+     (0, ("trainer=deepspeed", "trainer.accelerator=auto"), "trainer.strategy: deepspeed_stage_2 runs on CUDA"),
+     (4, ("trainer=deepspeed", "trainer.accelerator=cpu"), "trainer.accelerator: cpu cannot run deepspeed_stage_2")],
+)  # fmt: skip
+def test_gpus_that_are_not_there_are_refused(gpus, overrides, expected, tmp_path, monkeypatch):
+    from salsa.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        _accelerator_check(tmp_path, gpus, *overrides, monkeypatch=monkeypatch)
+    assert str(refused.value).startswith(expected)
 
 
 def test_long_prompts_are_truncated_with_a_count(upstream, tmp_path):

@@ -6,11 +6,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from salsa.errors import ConfigError, SalsaError
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable  # a directory on disk (Path) or inside an installed package (pkg://)
 
 
 def unique_dir(path: str) -> str:
@@ -39,19 +42,77 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("salsa.unique_dir", unique_dir, use_cache=True)
 
 
-def unknown_group_option(argv: Sequence[str], conf_dir: Path) -> str | None:
-    """The first `group=option` override naming an option that has no `conf/<group>/<option>.yaml`, as a message."""
+def searchpath_entries(argv: Sequence[str], conf_dir: Path, config_name: str = "train") -> list[str]:
+    """`hydra.searchpath` as Hydra reads it: the first `hydra.searchpath=[...]` on the command line replaces the one
+    in the primary config file (`conf/<config_name>.yaml`). Unreadable values give none: Hydra reports them itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for arg in argv:
+        if arg.startswith("hydra.searchpath="):  # only this exact key: Hydra ignores `+hydra.searchpath=`
+            try:
+                value = OverridesParser.create().parse_override(arg).value()
+            except Exception:
+                return []
+            return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    try:
+        found = OmegaConf.select(OmegaConf.load(conf_dir / f"{config_name}.yaml"), "hydra.searchpath")
+        return [str(v) for v in found] if OmegaConf.is_list(found) else []
+    except Exception:  # a missing primary config or an interpolation only Hydra can resolve
+        return []
+
+
+def config_dir(entry: str) -> Traversable | None:
+    """A search path entry as a directory, the way Hydra opens it: `file://<dir>` (or a bare path), relative to the
+    current directory, and `pkg://<package>` (dots or slashes). None for what holds no files to list, or is absent."""
+    scheme, sep, rest = entry.partition("://")
+    if not sep:
+        scheme, rest = "file", entry
+    if scheme == "file":
+        path = Path(rest).absolute()
+        return path if path.is_dir() else None
+    if scheme != "pkg":
+        return None  # structured:// (dataclasses) or a plugin's own scheme
+    from importlib import resources
+
+    try:
+        found = resources.files(rest.replace("/", ".").rstrip("."))
+    except (ImportError, TypeError, ValueError):
+        return None
+    return found if found.is_dir() else None
+
+
+def search_dirs(argv: Sequence[str], conf_dir: Path, config_name: str = "train") -> list[Traversable]:
+    """Every directory Hydra searches for configs, in its order: the repository's conf/, then each `hydra.searchpath`
+    entry. Researchers keep their own experiments in these, so an option or a file may come from any of them."""
+    found = (config_dir(entry) for entry in searchpath_entries(argv, conf_dir, config_name))
+    return [conf_dir, *(d for d in found if d is not None)]
+
+
+def group_options(dirs: Sequence[Traversable], group: str) -> list[str] | None:
+    """The options of config group `group` in all of `dirs`, sorted; None when no dir has the group."""
+    groups = [d / group for d in dirs if (d / group).is_dir()]
+    if not groups:
+        return None
+    return sorted({f.name.removesuffix(".yaml") for g in groups for f in g.iterdir() if f.name.endswith(".yaml")})
+
+
+def unknown_group_option(argv: Sequence[str], dirs: Path | Sequence[Traversable]) -> str | None:
+    """The first `group=option` override naming an option that no search dir has (`<dir>/<group>/<option>.yaml`),
+    as a message listing the options of all of them. `dirs`: `search_dirs(...)`, or the one conf/ directory."""
+    dirs = [dirs] if isinstance(dirs, Path) else list(dirs)
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
-        group = conf_dir / key
-        if "." in key or "/" in key or not group.is_dir() or "(" in value:
+        if "." in key or "/" in key or "(" in value:
             continue  # a value override, a plugin group (hydra/launcher=...), or a sweep function
-        options = sorted(p.stem for p in group.glob("*.yaml"))
+        options = group_options(dirs, key)
+        if options is None:
+            continue  # not a config group
         for choice in value.split(","):
-            if choice not in options and choice != "null":
+            found = any((d / key / f"{choice}.yaml").is_file() for d in dirs)  # also nested: experiment=mine/a
+            if not found and choice != "null":
                 return f"{key}={choice} is not an option; {key} is one of: {', '.join(options)}"
     return None
 
@@ -86,8 +147,18 @@ NOT_A_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--p
              "-sc", "--version", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")  # fmt: skip
 
 
-def one_line(error: BaseException) -> str:
-    """A composition error as `key: what is wrong (where)`, from the chain Hydra and OmegaConf raise."""
+def shown_file(name: str, dirs: Sequence[Traversable]) -> str:
+    """Config `name` (e.g. experiment/mine) as a file a user can open: relative in the repository's conf/ (the first
+    of `dirs`), else the full path in the search dir Hydra took it from (the first that has it)."""
+    for i, d in enumerate(dirs):
+        if (d / f"{name}.yaml").is_file():
+            return f"{name}.yaml" if i == 0 else str(d / f"{name}.yaml")
+    return f"{name}.yaml"
+
+
+def one_line(error: BaseException, dirs: Sequence[Traversable] = ()) -> str:
+    """A composition error as `key: what is wrong (where)`, from the chain Hydra and OmegaConf raise; `where` is
+    looked up in the search dirs `dirs`."""
     import difflib
 
     where, key, what = "", None, str(error).splitlines()[0]
@@ -105,7 +176,7 @@ def one_line(error: BaseException) -> str:
                 what = f"no such key{f' (did you mean {close[0]}?)' if close else ''}"
         node = node.__cause__ or node.__context__
     message = f"{key}: {what}" if key else what
-    return message + (f" (in {where}.yaml)" if where else "")
+    return message + (f" (in {shown_file(where, dirs)})" if where else "")
 
 
 def composition_error(argv: Sequence[str], conf_dir: Path, config_name: str) -> str | None:
@@ -121,7 +192,7 @@ def composition_error(argv: Sequence[str], conf_dir: Path, config_name: str) -> 
     overrides = []
     for parsed in OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]):
         key = parsed.get_key_element()
-        if key.lstrip("+~").startswith("hydra"):
+        if key.lstrip("+~").startswith("hydra") and key != "hydra.searchpath":  # the search path finds the files
             continue
         if parsed.is_sweep_override():
             try:
@@ -136,7 +207,7 @@ def composition_error(argv: Sequence[str], conf_dir: Path, config_name: str) -> 
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             compose(config_name=config_name, overrides=overrides)
     except Exception as e:
-        return one_line(e)
+        return one_line(e, search_dirs(argv, conf_dir, config_name))
     finally:
         GlobalHydra.instance().clear()
     return None
@@ -145,8 +216,13 @@ def composition_error(argv: Sequence[str], conf_dir: Path, config_name: str) -> 
 def check_argv(argv: Sequence[str], conf_dir: Path, config_name: str = "train") -> None:
     """One-line errors for a command line that cannot run, before Hydra starts (whose own errors span lines)."""
     message = (
-        unknown_group_option(argv, conf_dir) or missing_sweeper(argv) or composition_error(argv, conf_dir, config_name)
+        unknown_group_option(argv, search_dirs(argv, conf_dir, config_name))
+        or missing_sweeper(argv)
+        or composition_error(argv, conf_dir, config_name)
     )
+    absent = [e for e in searchpath_entries(argv, conf_dir, config_name) if config_dir(e) is None]
+    if message and absent:  # Hydra only warns about these; a misspelled one is the likely cause
+        message += f" (hydra.searchpath: no directory {', '.join(absent)})"
     if message:
         fail(message)
 

@@ -1,9 +1,10 @@
 """Reject bad input before any training: every check here runs in well under a second on the composed config.
 
 The rules of each config group live with its type (`salsa.config`); this adds what needs the file system: local
-checkpoints (complete safetensors, no pickles), hub ids when offline, and local dataset files. Only the standard
-library and omegaconf are imported, so a typo costs the time of Hydra's start-up, not of loading torch. Each failure
-is a `ConfigError` whose message starts with the offending key and says what is allowed.
+checkpoints (complete safetensors, no pickles), hub ids when offline, local dataset files, and the GPUs a Trainer asks
+for. Only the standard library and omegaconf are imported (torch only to count GPUs, for a config that asks for them),
+so a typo costs the time of Hydra's start-up, not of loading torch. Each failure is a `ConfigError` whose message
+starts with the offending key and says what is allowed.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import logging
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from salsa.config import STAGES, check_groups, scale_warnings, strategy_name, world_size
 from salsa.data.schemas import SPLIT_COLUMNS, DataFileError, check_local_dataset
@@ -209,6 +211,77 @@ def check_fsdp2(cfg: DictConfig) -> None:
         )
 
 
+def gpus_asked(devices: Any) -> int | None:
+    """GPUs a `trainer.devices` value needs on one node, read as Lightning reads it for a GPU: a count, or a list of
+    indices (`[0, 3]`, `"0,3"`: the highest + 1); None for every GPU there is (`auto`, -1) or what Lightning refuses."""
+    try:
+        if isinstance(devices, str):
+            text = devices.strip()
+            if "," in text:
+                devices = [int(i) for i in text.split(",") if i.strip()]
+            elif text.lstrip("-").isdigit():
+                devices = int(text)
+        if isinstance(devices, int) and not isinstance(devices, bool):
+            return devices if devices > 0 else None
+        if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+            ids = [int(i) for i in devices]
+            return max(ids) + 1 if ids else None
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def visible_gpus() -> int:
+    """CUDA GPUs this process sees (CUDA_VISIBLE_DEVICES included). torch is imported here only, for configs that
+    ask for a GPU; on a CPU build of torch this is 0."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def cpu_instead(trainer: Any) -> str:
+    """The overrides that run this Trainer on CPU processes instead, as the CPU tests of the strategies do."""
+    if "deepspeed" in strategy_name(trainer):
+        return "trainer=ddp trainer.accelerator=cpu"  # the same data parallelism, unsharded
+    # 16-bit mixed precision is for GPUs: Lightning turns 16-mixed into bf16 on CPU, and CPU autocast is slow
+    full = str(trainer.get("precision", "32-true")) in ("32", "32-true", "64", "64-true")
+    return "trainer.accelerator=cpu" + ("" if full else " trainer.precision=32-true")
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """Refuse a Trainer asking for GPUs this machine does not show, before any stage starts (Lightning finds out
+    only when the first stage builds its Trainer, after the stage's directory exists). `auto` falls back to CPU
+    processes, so it is refused only with a strategy that runs on CUDA alone (DeepSpeed), or when Lightning would take
+    the GPUs there are and more devices are asked for."""
+    trainer = cfg.trainer
+    accelerator = trainer.get("accelerator") or "auto"
+    if not isinstance(accelerator, str):
+        return  # an Accelerator built from a `_target_` node: Lightning checks it
+    accelerator = accelerator.lower()
+    strategy = strategy_name(trainer)
+    cuda_only = "deepspeed" in strategy
+    if cuda_only and accelerator not in ("gpu", "cuda", "auto"):
+        raise ConfigError("trainer.accelerator", f"{accelerator} cannot run {strategy}, which runs on CUDA GPUs only: "
+                          f"on CPU use {cpu_instead(trainer)}")  # fmt: skip
+    if accelerator not in ("gpu", "cuda", "auto"):
+        return  # cpu, mps, tpu: Lightning's own checks
+    wanted = gpus_asked(trainer.get("devices", 1))
+    if accelerator == "auto" and not cuda_only and (wanted or 1) == 1:
+        return  # one device of whatever there is
+    visible = visible_gpus()
+    if visible == 0 and (accelerator != "auto" or cuda_only):
+        what = f"{strategy} runs on CUDA GPUs only" if cuda_only else accelerator
+        raise ConfigError(
+            "trainer.strategy" if cuda_only else "trainer.accelerator",
+            f"{what}, and no GPU is visible (torch.cuda.device_count() is 0): on CPU run with {cpu_instead(trainer)}",
+        )
+    if visible and wanted and wanted > visible:  # (auto without GPUs: as many CPU processes)
+        gpus = f"{visible} GPU is" if visible == 1 else f"{visible} GPUs are"
+        on_cpu = "" if cuda_only else f", or {cpu_instead(trainer)} to run CPU processes"
+        raise ConfigError("trainer.devices", f"{trainer.devices} needs {wanted} GPUs and {gpus} visible: use "
+                          f"trainer.devices={visible}{on_cpu}")  # fmt: skip
+
+
 def check_rm_score(cfg: DictConfig) -> str:
     """`rm.score` (its values are checked with the config, `salsa.config.RMConfig`), refused where it cannot be read
     back: `mean` is written into a full model's config, which a LoRA reward adapter on a hub model's shared base does
@@ -225,6 +298,7 @@ def validate(cfg: DictConfig) -> None:
     the files the config names."""
     check_groups(cfg)
     check_strategy(cfg)
+    check_accelerator(cfg)
     if cfg.ppo.get("compile") and cfg.model.get("name_or_path"):
         raise ConfigError(
             "ppo.compile",
