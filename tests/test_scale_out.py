@@ -63,8 +63,8 @@ def test_fsdp2_runs_every_stage_of_the_embedded_model(tmp_path, overrides):
     ("overrides", "message"),
     [
         (("model=gemma2b", "model.quant=none", "model.name_or_path=/nowhere"), "trainer.strategy: fsdp2 shards "
-         "full-weight models (the embedded model); a checkpoint (model.name_or_path) trains adapters on one frozen "
-         "base: use trainer=ddp"),
+         "full-weight models (the embedded model, model.finetune=full); a checkpoint under model.finetune=lora trains "
+         "adapters on one frozen base: use trainer=ddp"),
         (("ppo.compile=true",), "ppo.compile: compiles unsharded models only"),
         (("trainer.strategy.tensor_parallel_size=2",), "trainer.strategy.tensor_parallel_size: is 2"),
         (("trainer.num_nodes=2",), "trainer.strategy.data_parallel_size: is 2, and every one of the 4 processes"),

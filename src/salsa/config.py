@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ LOSS_AGGREGATIONS = ("token", "sequence")  # grpo.loss_aggregation (salsa.functi
 DPO_LOSSES = ("sigmoid", "ipo")  # dpo.loss_type (salsa.functional.dpo_loss)
 REF_UPDATES = ("frozen", "ema", "sync")  # ref.update (salsa.algorithms.reference)
 QUANT = ("nf4", "none")  # model.quant of hub/local checkpoints (salsa.models.qlora)
+FINETUNE = ("lora", "full")  # model.finetune of hub/local checkpoints
 BENCHMARKS = ("mt_bench", "arena_hard")  # eval.export (salsa.data.benchmarks)
 JUDGES = ("auto", "gold", "heldout_rm", "rm")  # eval.judge, besides a path (salsa.stages.evaluate)
 
@@ -63,6 +65,17 @@ def positive_int(key: str, value: Any, least: int = 1) -> None:
 def in_range(key: str, value: Any, low: float, high: float) -> None:
     if not low <= number(key, value) <= high:
         raise ConfigError(key, f"must be between {low} and {high}, got {value!r}")
+
+
+def full_finetune(model_cfg: Mapping[str, Any]) -> bool:
+    """Whether every stage trains all the model's weights: the embedded model, and checkpoints under
+    `model.finetune=full` (small ones such as SmolLM2-135M)."""
+    return not model_cfg.get("name_or_path") or model_cfg.get("finetune") == "full"
+
+
+def uses_adapters(model_cfg: Mapping[str, Any]) -> bool:
+    """Checkpoints under `model.finetune=lora` (the default; every 2B+ preset): LoRA adapters on a frozen base."""
+    return not full_finetune(model_cfg)
 
 
 def one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -142,6 +155,8 @@ class ModelConfig(Group):
     revision: str | None = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False
     quant: str | None = None  # nf4 (QLoRA) | none (bf16 weights); checkpoints only
+    finetune: str = "lora"  # checkpoints: lora (adapters on a frozen base) | full (every weight, in float32)
+    gguf: dict[str, str] | None = None  # {package, file}: a GGUF copy in a Python package, read when the hub is not
     gradient_checkpointing: bool = True  # checkpoints only
     lora: LoraSettings | None = None  # every adapter the pipeline trains on a checkpoint
     arch: dict[str, Any] = field(default_factory=dict)  # tiny: GemmaConfig fields; hub: its config.json (memory)
@@ -151,6 +166,14 @@ class ModelConfig(Group):
         if self.name_or_path:
             if self.quant is not None:
                 one_of(f"{prefix}.quant", self.quant, QUANT)
+            one_of(f"{prefix}.finetune", self.finetune, FINETUNE)
+            if self.finetune == "full" and self.quant == "nf4":
+                raise ConfigError(
+                    f"{prefix}.finetune", "full fine-tuning trains float weights: use model.quant=none, or "
+                    "model.finetune=lora for QLoRA on the 4-bit base"
+                )  # fmt: skip
+            if self.gguf is not None and set(self.gguf) != {"package", "file"}:
+                raise ConfigError(f"{prefix}.gguf", f"needs exactly the keys package and file, got {sorted(self.gguf)}")
         elif self.pretrain is not None:
             self.pretrain.check(f"{prefix}.pretrain")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from salsa.config import STAGES, check_groups, scale_warnings, strategy_name, world_size
+from salsa.config import STAGES, check_groups, scale_warnings, strategy_name, uses_adapters, world_size
 from salsa.data.schemas import SPLIT_COLUMNS, DataFileError, check_local_dataset
 from salsa.errors import CheckpointError, ConfigError
 
@@ -115,28 +115,6 @@ def hub_problem(
     return None
 
 
-def check_model_source(name_or_path: str, key: str = "model.name_or_path", revision: str | None = None) -> None:
-    """A local checkpoint directory, or a hub id that is in the local Hugging Face cache or can be downloaded now."""
-    path = Path(os.path.expanduser(name_or_path))
-    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
-    if looks_local:
-        if not path.is_dir():
-            raise ConfigError(key, f"{name_or_path} does not exist")
-        check_checkpoint_dir(path, key)
-        return
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(name_or_path, "config.json", revision=revision), str):
-        return
-    if offline():
-        raise ConfigError(
-            key, f"{name_or_path} is neither a local directory nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
-        )
-    problem = hub_problem(name_or_path, f"{key}=/a/local/copy", revision=revision)
-    if problem:
-        raise ConfigError(key, problem)
-
-
 def check_dataset_source(dataset: str, key: str = "data.path") -> None:
     """A hub dataset the loader will download (no `data.path`): in the cache, or reachable now."""
     from huggingface_hub import try_to_load_from_cache
@@ -188,11 +166,11 @@ def check_strategy(cfg: DictConfig) -> None:
 
 def check_fsdp2(cfg: DictConfig) -> None:
     """trainer=fsdp2 (FSDP2 through Lightning's ModelParallelStrategy) shards full-weight models over every process."""
-    if cfg.model.get("name_or_path"):
+    if uses_adapters(cfg.model):
         raise ConfigError(
             "trainer.strategy",
-            "fsdp2 shards full-weight models (the embedded model); a checkpoint (model.name_or_path) trains adapters "
-            "on one frozen base: use trainer=ddp",
+            "fsdp2 shards full-weight models (the embedded model, model.finetune=full); a checkpoint under "
+            "model.finetune=lora trains adapters on one frozen base: use trainer=ddp",
         )
     if cfg.ppo.get("compile"):
         raise ConfigError("ppo.compile", "compiles unsharded models only: use trainer=ddp, or ppo.compile=false")
@@ -287,8 +265,8 @@ def check_rm_score(cfg: DictConfig) -> str:
     back: `mean` is written into a full model's config, which a LoRA reward adapter on a hub model's shared base does
     not own. Checked before a run and again by the reward-model stage."""
     score = str(cfg.rm.get("score", "last"))
-    if score != "last" and cfg.model.get("name_or_path"):
-        raise ConfigError("rm.score", f"{score} needs a full-weight reward model (the embedded model); LoRA reward "
+    if score != "last" and uses_adapters(cfg.model):
+        raise ConfigError("rm.score", f"{score} needs a full-weight reward model (model.finetune=full); LoRA reward "
                           "adapters are read at the last token")  # fmt: skip
     return score
 
@@ -299,24 +277,24 @@ def validate(cfg: DictConfig) -> None:
     check_groups(cfg)
     check_strategy(cfg)
     check_accelerator(cfg)
-    if cfg.ppo.get("compile") and cfg.model.get("name_or_path"):
+    if cfg.ppo.get("compile") and uses_adapters(cfg.model):
         raise ConfigError(
             "ppo.compile",
-            "compiles full-weight models only (the embedded model); hub models train as adapters that are switched "
-            "per call, which would recompile at every switch",
+            "compiles full-weight models only (model.finetune=full); under LoRA the models are adapters that are "
+            "switched per call, which would recompile at every switch",
         )
     ref = cfg.ref
     update = ref["update"]  # (a config node's `.update` is its dict method)
-    if cfg.model.get("name_or_path") and (update == "ema" or (update == "sync" and ref.sync_mix != 1)):
+    if uses_adapters(cfg.model) and (update == "ema" or (update == "sync" and ref.sync_mix != 1)):
         raise ConfigError(
             "ref.update",
             f"{update} (mixing the reference with the policy) needs full-weight models: on adapters the average "
             "of two adapters' LoRA factors is not the average of the models; use ref.update=sync with ref.sync_mix=1"
             " (the reference becomes a copy of the policy every ref.sync_every steps)",
         )
-    if cfg.model.get("name_or_path") and int(cfg.rm.get("members", 1)) > 1:
-        raise ConfigError("rm.members", "reward-model soups (rm=soup) need full-weight reward models (the embedded "
-                          "model); on hub models each reward model is an adapter with its own head")  # fmt: skip
+    if uses_adapters(cfg.model) and int(cfg.rm.get("members", 1)) > 1:
+        raise ConfigError("rm.members", "reward-model soups (rm=soup) need full-weight reward models (model.finetune="
+                          "full); under LoRA each reward model is an adapter with its own head")  # fmt: skip
     check_rm_score(cfg)
     for warning in scale_warnings(cfg):
         log.warning(warning)
@@ -326,7 +304,10 @@ def validate(cfg: DictConfig) -> None:
             check_local_dataset(task.kind, cfg.data.path)
         except DataFileError as e:
             raise ConfigError("data.path", str(e)) from e
-    if cfg.model.get("name_or_path"):
-        check_model_source(str(cfg.model.name_or_path), revision=cfg.model.get("revision"))
+    if cfg.model.get("name_or_path"):  # a local directory, the hub (or its cache), or a packaged GGUF copy
+        from salsa.models.sources import PackagedGGUF, resolve_source
+
+        gguf = PackagedGGUF.from_cfg(cfg.model.get("gguf"))
+        resolve_source(str(cfg.model.name_or_path), cfg.model.get("revision"), gguf)
     if task.get("dataset") and not cfg.data.get("path"):
         check_dataset_source(str(task.dataset))

@@ -58,8 +58,8 @@ def tiny_gemma(tokenizer, **arch) -> GemmaForCausalLM:
     return GemmaForCausalLM(config)
 
 
-def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, revision: str | None = None):
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, revision=revision)
     if tok.pad_token_id is None:  # Llama/Mistral ship without a pad token
         tok.pad_token = tok.eos_token
     return tok

@@ -20,13 +20,16 @@ from salsa.models.shared_base import SharedBase
 
 
 class FullLoader:
-    """Stage outputs that are full checkpoints (the tiny model)."""
+    """Stage outputs that are full checkpoints (the embedded model, `model.finetune=full`), each on `device`."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = device
 
     def causal(self, path: str | os.PathLike) -> nn.Module:
-        return load_causal_lm(path).eval()
+        return load_causal_lm(path).to(self.device).eval()
 
     def reward(self, path: str | os.PathLike) -> nn.Module:
-        return load_reward_model(path).eval()
+        return load_reward_model(path).to(self.device).eval()
 
 
 class AdapterLoader:
@@ -59,5 +62,10 @@ class AdapterLoader:
         return self.shared.scalar([name], name).eval()
 
 
-def model_loader(model_cfg: Mapping[str, Any], device: torch.device | str = "cpu") -> FullLoader | AdapterLoader:
-    return AdapterLoader(BaseSettings.from_cfg(model_cfg), device) if uses_adapters(model_cfg) else FullLoader()
+def model_loader(
+    model_cfg: Mapping[str, Any], device: torch.device | str = "cpu", settings: BaseSettings | None = None
+) -> FullLoader | AdapterLoader:
+    """Full checkpoints, or adapters on the base `settings` says (default: as `model_cfg` says)."""
+    if not uses_adapters(model_cfg):
+        return FullLoader(device)
+    return AdapterLoader(settings or BaseSettings.from_cfg(model_cfg), device)

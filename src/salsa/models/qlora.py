@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
-from salsa.config import QUANT, LoraSettings
+from salsa.config import QUANT, LoraSettings, full_finetune, uses_adapters  # noqa: F401 (re-exported)
 from salsa.errors import SalsaError
 from salsa.models.hf import load_tokenizer
 
@@ -71,11 +71,6 @@ class BaseSettings:
             raise AdapterError("model.name_or_path is not set: adapters need a hub id or a local checkpoint")
         known = {k: m[k] for k in cls.__dataclass_fields__ if k in m and m[k] is not None}
         return cls(**known)
-
-
-def uses_adapters(model_cfg: Mapping[str, Any]) -> bool:
-    """Hub and local checkpoints are never fully fine-tuned: the pipeline trains LoRA adapters on a frozen base."""
-    return bool(model_cfg.get("name_or_path"))
 
 
 def compute_dtype(device: torch.device | str) -> torch.dtype:

@@ -22,7 +22,7 @@ from salsa.infra.context import Context, log, plain
 from salsa.infra.progress import track
 from salsa.models.generation import decode, encode_prompts, sample
 from salsa.models.hf import load_reward_model, load_tokenizer, response_positions, sequence_scores
-from salsa.models.loaders import model_loader
+from salsa.stages.base import stage_loader
 from salsa.stages.rm import judge_kind
 
 EXPORT_KEYS = ("export", "answers")  # settings of the export stage, which do not change the evaluation
@@ -115,7 +115,7 @@ def run_eval(
         prompts = [p for p in data.prompts_eval for _ in range(e.samples_per_prompt)]
         tok = load_tokenizer(policy.path)
         report_long_prompts(tok, data.prompts_eval, e.max_prompt_length, "eval.max_prompt_length")
-        loader = model_loader(cfg.model, ctx.device)  # full checkpoints, or adapters on one shared base
+        loader = stage_loader(ctx)  # full checkpoints, or adapters on one shared base
         reward_model = loader.reward(rm.path)
         ref_model = loader.causal(reference.path)
         judge_model = loader.reward(judge_rm.path) if kind == "heldout_rm" else None

@@ -18,7 +18,7 @@ from salsa.data.benchmarks import (
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.models.hf import load_tokenizer
-from salsa.models.loaders import model_loader
+from salsa.stages.base import stage_loader
 
 
 def export_answers(
@@ -88,7 +88,7 @@ def run_export(ctx: Context, policy: Entry) -> Entry:
 
     def build(work: Path, run_id: str | None) -> dict:
         a = e.answers
-        model = model_loader(cfg.model, ctx.device).causal(policy.path)
+        model = stage_loader(ctx).causal(policy.path)
         path = export_answers(
             model,
             load_tokenizer(policy.path),

@@ -20,6 +20,7 @@ from salsa.models.actors import FullActors
 from salsa.models.adapter_actors import build_adapter_actors, merges_start
 from salsa.models.hf import load_causal_lm, load_reward_model, load_tokenizer
 from salsa.models.qlora import BaseSettings, uses_adapters
+from salsa.stages.base import base_settings
 
 HISTORY = "history.csv"
 
@@ -92,7 +93,7 @@ def online_actors(
 ):
     """The algorithm's models: full weights, or adapters on one shared base (QLoRA)."""
     if uses_adapters(ctx.cfg.model):
-        settings = BaseSettings.from_cfg(ctx.cfg.model)
+        settings = base_settings(ctx)
         moving = bool(update_spec(ref_update))
         return build_adapter_actors(
             settings, policy_init, reference, rm, ctx.device, merge_start=merged, value=value, moving_reference=moving

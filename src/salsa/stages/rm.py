@@ -21,8 +21,9 @@ from salsa.infra.context import Context, log, plain
 from salsa.infra.guards import check_finite
 from salsa.infra.training import fit_resumable
 from salsa.models.hf import load_reward_model, load_tokenizer, scale_score_head, sequence_scores
-from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
+from salsa.models.qlora import new_adapter_model, uses_adapters
 from salsa.models.sharding import save_pretrained
+from salsa.stages.base import base_settings
 from salsa.stages.lm import SeededModule, planned_loader
 from salsa.validate import check_rm_score
 
@@ -204,7 +205,7 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> 
         pl.seed_everything(seed, workers=True, verbose=False)
         adapter = None
         if uses_adapters(cfg.model):  # a LoRA adapter + scalar head on the frozen base (saved as one peft adapter)
-            tok, adapter = new_adapter_model(BaseSettings.from_cfg(cfg.model), ctx.device, scalar_head=True)
+            tok, adapter = new_adapter_model(base_settings(ctx), ctx.device, scalar_head=True)
             model = adapter.get_base_model()  # called directly: scores come from its backbone
         else:
             tok = load_tokenizer(base.path)

@@ -10,8 +10,9 @@ from salsa.data.tokens import LMDataset
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.models.hf import load_causal_lm, load_tokenizer
-from salsa.models.qlora import BaseSettings, new_adapter_model, uses_adapters
+from salsa.models.qlora import new_adapter_model, uses_adapters
 from salsa.models.sharding import save_pretrained
+from salsa.stages.base import base_settings
 from salsa.stages.lm import fit_lm, heldout_dataset, heldout_loss
 
 
@@ -31,7 +32,7 @@ def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
         adapters = uses_adapters(cfg.model)
         if adapters:  # a LoRA adapter on the frozen base; the seed also sets its initial A
             pl.seed_everything(seed, workers=True, verbose=False)
-            tok, model = new_adapter_model(BaseSettings.from_cfg(cfg.model), ctx.device)
+            tok, model = new_adapter_model(base_settings(ctx), ctx.device)
         else:
             tok = load_tokenizer(base.path)
             # dropout is one of the seeds' sources of diversity

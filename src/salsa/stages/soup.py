@@ -11,7 +11,7 @@ from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.merge.soup import SoupError, greedy_soup, soup_checkpoints, soup_lora_adapters
 from salsa.models.hf import load_tokenizer
-from salsa.models.loaders import model_loader
+from salsa.stages.base import stage_loader
 from salsa.stages.lm import heldout_dataset, heldout_loss
 
 
@@ -38,7 +38,7 @@ def run_soup(ctx: Context, ingredients: list[Entry]) -> Entry:
     def build(work: Path, run_id: str | None) -> dict:
         tok = load_tokenizer(ingredients[0].path)
         val = heldout_dataset(ctx, tok)
-        loader = model_loader(cfg.model, ctx.device)
+        loader = stage_loader(ctx)
 
         def loss_of(path: Path) -> float:
             return heldout_loss(loader.causal(path), val, tok.pad_token_id)
