@@ -735,8 +735,8 @@ def check_model_and_data(cfg: Any) -> None:
         raise ConfigError(
             "model",
             f"model={cfg.model.name} is pretrained on the task's documents and data={cfg.data.name} has none "
-            "(data.task.n_pretrain=0): use a checkpoint preset (model=smollm2|gemma2b|llama2_7b|mistral7b), model.name_or_path="
-            "/a/local/checkpoint, or data.task.n_pretrain=N demonstrations as documents",
+            "(data.task.n_pretrain=0): use a checkpoint preset (model=smollm2|gemma2b|llama2_7b|mistral7b), "
+            "model.name_or_path=/a/local/checkpoint, or data.task.n_pretrain=N demonstrations as documents",
         )
 
 

@@ -111,9 +111,9 @@ def gguf_tensor_types(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(t.tensor_type.name for t in GGUFReader(path).tensors).items()))
 
 
-def write_gguf_checkpoint(gguf: PackagedGGUF, out: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+def write_gguf_checkpoint(gguf: PackagedGGUF, out: Path, trust_remote_code: bool = False) -> tuple[Any, dict[str, Any]]:
     """Dequantise `gguf` into a float32 safetensors checkpoint + tokenizer (with its chat template) in `out`;
-    return what the manifest records of it."""
+    return the model and what the manifest records of it."""
     import importlib.util
 
     import torch
@@ -131,4 +131,4 @@ def write_gguf_checkpoint(gguf: PackagedGGUF, out: Path, trust_remote_code: bool
     model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"dequantized_from": gguf_tensor_types(path), "dtype": "float32"}
+    return model, {"dequantized_from": gguf_tensor_types(path), "dtype": "float32"}

@@ -90,19 +90,18 @@ def checkpoint_base(ctx: Context) -> Entry:
         return ctx.build("base", spec, lambda work, run_id: {"format": "hub", **spec})
 
     def build(work: Path, run_id: str | None) -> dict:
+        trust = m.get("trust_remote_code", False)
         if source["kind"] == "gguf":
-            meta = write_gguf_checkpoint(PackagedGGUF.from_cfg(m.gguf), work, m.get("trust_remote_code", False))
+            model, meta = write_gguf_checkpoint(PackagedGGUF.from_cfg(m.gguf), work, trust)
         else:
             name = source.get("path") or source["repo"]
-            trust = m.get("trust_remote_code", False)
             model = load_causal_lm(name, revision=m.get("revision"), trust_remote_code=trust)
             save_pretrained(model, work)
             load_tokenizer(name, trust_remote_code=trust, revision=m.get("revision")).save_pretrained(str(work))
             meta = {"dtype": "float32"}
-        model = load_causal_lm(work)
-        log.info("[base] %s from %s: %.1fM parameters, vocabulary %d", m.name_or_path, source["kind"],
-                 num_parameters(model) / 1e6, model.config.vocab_size)  # fmt: skip
         metrics = {"parameters": num_parameters(model), "vocab_size": model.config.vocab_size}
+        log.info("[base] %s from %s: %.1fM parameters, vocabulary %d", m.name_or_path, source["kind"],
+                 metrics["parameters"] / 1e6, metrics["vocab_size"])  # fmt: skip
         return {"format": "full" if full else "hub", "copied": True, "metrics": metrics, **meta, **spec}
 
     return ctx.build("base", spec, build)
