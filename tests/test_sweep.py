@@ -3,8 +3,11 @@ landscape on the same cache: MLflow runs, each SFT ingredient trained once, the 
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from contextlib import suppress
 from pathlib import Path
 
 import nbformat
@@ -23,6 +26,18 @@ pytestmark = pytest.mark.slow
 
 RUN_NAMES = [f"ref={ref} ppo.kl_coef={kl}" for ref in ("sft", "soup3") for kl in ("0.01", "0.2")]
 SMALL = ["debug=default", "logger=mlflow", "extras.torch_threads=1"]  # one thread per job: two jobs share 2 cores
+# a process that serves a store (argv[1]) until it is killed, and writes the server's URL to argv[2] once it answers;
+# it dies with the test run (argv[3]), should that be killed
+SERVE_UNTIL_KILLED = """
+import os, signal, sys, time
+from pathlib import Path
+from salsa.infra import mlflow_ui
+if not mlflow_ui.die_with_parent(signal.SIGKILL) or os.getppid() != int(sys.argv[3]):
+    sys.exit("no parent-death signal, or the parent is gone")
+with mlflow_ui.serve(sys.argv[1]) as url:
+    Path(sys.argv[2]).write_text(url)
+    time.sleep(300)
+"""
 
 
 def entry_point(script: str, *overrides: str, multirun: bool = False) -> None:
@@ -62,7 +77,7 @@ def test_sweep_runs_and_ingredients_trained_once(logs):
     assert sorted(r.info.run_name for r in jobs) == RUN_NAMES
     for r in jobs:
         assert 0.0 <= r.data.metrics["eval/win_rate_vs_sft"] <= 1.0 and "eval/kl_to_ref" in r.data.metrics
-        assert r.data.tags["sweep"] == str((logs / "multirun").resolve())
+        assert r.data.tags["sweep"] == "multirun"  # relative to the log dir
         assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"generations.csv", "results.json", "plots"}
 
     # the cache's build log: every stage built once (the landscape reuses the sweep's ingredients, soup and RM)
@@ -137,9 +152,28 @@ def test_experiment_opens_as_model_training_with_views(logs):
     assert view["name"] == "sweep multirun"
     assert state["selectedColumns"][0] == "metrics.`eval/win_rate_vs_sft`"
     assert "params.`ppo.kl_coef`" in state["selectedColumns"] and "params.`ref.name`" in state["selectedColumns"]
+    assert state["searchFilter"] == "tags.sweep = 'multirun' and tags.kind = 'pipeline'"
     runs = client.search_runs([client.get_experiment_by_name("salsa").experiment_id], state["searchFilter"])
     assert len(runs) == 4  # the filter selects exactly the sweep's four jobs
     assert json.loads(tags["mlflow.sharedViewState.salsa-results"])["name"] == "salsa results"
+
+
+def test_mlflow_holds_no_path_of_the_log_dir(logs):
+    """No tag, param or saved view of the sweep's, its jobs', their stages' or the landscape's runs names a file of the
+    log dir by its absolute path, so a moved or copied log dir still matches its store. The one absolute path is
+    outside it: the repository (`paths.root_dir`)."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{logs}/mlflow.db")
+    exp = client.get_experiment_by_name("salsa")
+    stored = {f"experiment tag {k}": v for k, v in exp.tags.items()}
+    for r in client.search_runs([exp.experiment_id]):
+        stored |= {f"{r.info.run_name}: tag {k}": v for k, v in r.data.tags.items()}
+        stored |= {f"{r.info.run_name}: param {k}": v for k, v in r.data.params.items()}
+    assert not {k: v for k, v in stored.items() if str(logs) in v or str(logs.resolve()) in v}
+    absolute = {k.partition(": ")[2] for k, v in stored.items() if os.path.isabs(v)}
+    assert absolute == {"param paths.root_dir"} and stored[f"{RUN_NAMES[0]}: param paths.root_dir"] == str(ROOT)
+    jobs = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'")
+    assert sorted(r.data.tags["output_dir"] for r in jobs) == [f"multirun/{n}" for n in range(4)]
+    assert {r.data.params["paths.log_dir"] for r in jobs} == {"."}
 
 
 @pytest.mark.browser
@@ -181,3 +215,52 @@ def test_mlflow_ui_compares_the_sweep_in_chromium(logs, tmp_path):
         body = page.locator("body").inner_text()
         assert "Comparing 2 Runs" in body and "eval/win_rate_vs_sft" in body
         assert sum(name in body for name in names) == 2
+
+
+def live_processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of each process but zombies (exited, not yet reaped), from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # the command name, in parentheses, may hold spaces
+        except OSError:  # it exited while we looked
+            continue
+        if fields[0] not in ("Z", "X"):
+            found[int(stat.parent.name)] = (int(fields[1]), int(fields[3]))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+def test_mlflow_server_dies_with_the_process_that_started_it(tmp_path):
+    """A process killed with SIGKILL while `serve` runs (as a test run can be) runs no finaliser; its `mlflow server`
+    and every worker that server started must go with it anyway."""
+    ready = tmp_path / "url"
+    cmd = [sys.executable, "-c", SERVE_UNTIL_KILLED, f"sqlite:///{tmp_path}/mlflow.db", str(ready), str(os.getpid())]
+    child = subprocess.Popen(cmd)
+    session = None
+    try:
+        deadline = time.monotonic() + 180
+        while not ready.is_file():
+            assert child.poll() is None, f"the serving process exited with {child.returncode}"
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        processes = live_processes()
+        # the server's process group leads a session of its own, started by the child
+        session = next(pid for pid, (ppid, _) in processes.items() if ppid == child.pid)
+        members = {pid for pid, (_, sid) in processes.items() if sid == session}
+        assert len(members) >= 4  # its leader, the server, uvicorn and the job runner (and its huey consumers)
+
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 60
+        left = members
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = {pid for pid, (_, sid) in live_processes().items() if pid in members or sid == session}
+        assert not left, f"{len(left)} of the server's {len(members)} processes outlived its parent: {sorted(left)}"
+    finally:
+        child.kill()
+        child.wait()
+        if session is not None:
+            with suppress(ProcessLookupError):
+                os.killpg(session, signal.SIGKILL)

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from salsa.infra.tracking import flatten
+from salsa.infra.tracking import flatten, logged_path
 
 SETTING = ["ref", "kl_coef"]  # what a `kl_coef × ref` sweep varies
 
@@ -66,22 +66,26 @@ def swept_params(sweep_dir: str | Path) -> list[str]:
     return keys
 
 
-def mlflow_results(runs: pd.DataFrame) -> pd.DataFrame:
+def mlflow_results(runs: pd.DataFrame, log_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per pipeline run from `mlflow.search_runs` output: parent runs that logged `eval/` metrics.
 
     Stage child runs, sweep summaries and landscape runs are left out; metric columns lose their `metrics.eval/`
-    prefix. Rows are in start order (oldest first).
+    prefix. Rows are in start order (oldest first). `sweep` is the tag as stored (relative to the log dir), or, given
+    the runs' `log_dir`, the sweep's directory.
     """
     columns = ["run_id", "start_time", "sweep", *SETTING]
     if runs.empty or "metrics.eval/win_rate_vs_sft" not in runs:
         return pd.DataFrame(columns=columns)
     parent = runs["tags.mlflow.parentRunId"].isna() if "tags.mlflow.parentRunId" in runs else True
     jobs = runs[parent & runs["metrics.eval/win_rate_vs_sft"].notna()].sort_values("start_time")
+    sweeps = jobs.get("tags.sweep")
+    if log_dir is not None and sweeps is not None:
+        sweeps = sweeps.map(lambda tag: str(logged_path(tag, log_dir)) if isinstance(tag, str) else tag)
     out = pd.DataFrame(
         {
             "run_id": jobs["run_id"],
             "start_time": jobs["start_time"],
-            "sweep": jobs.get("tags.sweep"),
+            "sweep": sweeps,
             "ref": jobs["params.ref.name"],
             "kl_coef": jobs["params.ppo.kl_coef"].astype(float),
         }

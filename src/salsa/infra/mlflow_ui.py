@@ -20,8 +20,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from salsa.errors import SalsaError
@@ -41,6 +41,69 @@ CHROMIUM_ARGS = [
 
 class UIError(SalsaError):
     """The MLflow UI or the browser could not be started or did not show what was expected."""
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# how `start_guarded` runs `guard` in a fresh interpreter: its argv is the parent's pid, then the command
+GUARD = "import sys; from salsa.infra.mlflow_ui import guard; sys.exit(guard(int(sys.argv[1]), sys.argv[2:]))"
+
+
+class _Stop(Exception):
+    """SIGTERM reached the guard: its parent died, or `stop_group` is stopping the group."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the guard's own SIGTERM to its group reaches it too
+    raise _Stop
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Have Linux send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG); False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def guard(parent: int, cmd: Sequence[str], poll: float = 1.0, grace: float = 10.0) -> int:
+    """Run `cmd` and return its exit status; when `parent` dies first, or SIGTERM arrives, stop this process group
+    instead: SIGTERM, then SIGKILL after `grace` seconds (this process included).
+
+    `start_guarded` makes it the leader of a new session. A parent killed with SIGKILL runs no finaliser, and
+    `mlflow server`'s workers (uvicorn, the job runner and its huey consumers) would outlive it; this process
+    outlives it by design, to take the whole group down."""
+    signal.signal(signal.SIGTERM, _raise_stop)
+    die_with_parent(signal.SIGTERM)
+    server = None
+    try:
+        if os.getppid() != parent:  # it died before the parent-death signal was armed
+            raise _Stop
+        # the server gets the same signal if this process is killed alone: mlflow stops its workers on SIGTERM
+        server = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+        while True:
+            try:
+                return server.wait(timeout=poll)
+            except subprocess.TimeoutExpired:
+                if os.getppid() != parent:  # where there is no parent-death signal (not Linux)
+                    raise _Stop from None
+    except _Stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.killpg(0, signal.SIGTERM)
+        if server is not None:
+            with suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=grace)
+        os.killpg(0, signal.SIGKILL)  # the workers that are still shutting down, and this process
+        return 1
+
+
+def start_guarded(cmd: Sequence[str], **popen) -> subprocess.Popen:
+    """`cmd` in a process group of its own that stops when this process exits, however it exits: the group's
+    leader is `guard`, so `stop_group` on the returned process stops `cmd` and everything it started."""
+    return subprocess.Popen([sys.executable, "-c", GUARD, str(os.getpid()), *cmd], start_new_session=True, **popen)
 
 
 def find_chromium() -> str | None:
@@ -86,8 +149,9 @@ def serve(tracking_uri: str, timeout: float = 120.0) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]  # fmt: skip
-    # its own process group: the server starts job-runner processes of its own, which must stop with it
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # its own process group: the server starts worker processes of its own, which must stop with it, also when this
+    # process is killed (a test run's SIGKILL) and the `finally` below never runs
+    proc = start_guarded(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + timeout
         while True:

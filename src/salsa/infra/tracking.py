@@ -1,13 +1,15 @@
 """MLflow tracking: one parent run per pipeline invocation, one child run per stage that trains.
 
 Only `MlflowClient` calls with explicit run ids are used (no global active run), so parallel jobs and the stages'
-Lightning loggers never step on each other.
+Lightning loggers never step on each other. Paths under `paths.log_dir` are stored relative to it (the `sweep` tag is
+`multiruns/<date>_<time>`), so a moved or copied log dir still matches its store; `logged_path` reads them back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -28,6 +30,36 @@ KEY_METRICS = ("win_rate_vs_sft", "win_rate_vs_ppo", "gold_reward", "rm_reward",
 KEY_PARAMS = ("algo.name", "ref.name", "ppo.kl_coef")
 # overrides that say where or how a run ran, not what it is: left out of run names
 NAME_EXCLUDES = ("paths.", "extras.", "logger", "hydra", "trainer", "debug", "stage", "task_name")
+SQLITE = "sqlite:///"  # the store's URI (`logger.tracking_uri`, a param): its file is a path like any other
+FILTER_LITERAL = re.compile(r"'([^']*)'")  # a quoted value of a search filter: `tags.sweep = '<dir>'`
+
+
+def relative_to_log_dir(value: str, log_dir: str | os.PathLike) -> str:
+    """`value` with an absolute path under `log_dir` (the whole value, or the file of a `sqlite:///` URI) written
+    relative to it (`multiruns/<date>_<time>`; `.` for the log dir itself), so the store names no machine's layout;
+    anything else (a path outside the log dir, a name, a number) as it is."""
+    scheme = SQLITE if value.startswith(SQLITE) else ""
+    path = value[len(scheme) :]
+    if not os.path.isabs(path):
+        return value
+    # as written, then with symlinks resolved (a sweep dir is tagged resolved; /tmp may be a link)
+    for resolve in (os.path.abspath, os.path.realpath):
+        try:
+            return scheme + Path(resolve(path)).relative_to(resolve(log_dir)).as_posix()
+        except ValueError:
+            continue
+    return value
+
+
+def relative_filter(search_filter: str, log_dir: str | os.PathLike) -> str:
+    """A search filter whose quoted values are written as the tags they compare with (`relative_to_log_dir`)."""
+    return FILTER_LITERAL.sub(lambda m: f"'{relative_to_log_dir(m[1], log_dir)}'", search_filter)
+
+
+def logged_path(value: str, log_dir: str | os.PathLike) -> Path:
+    """The path a tag or param names: a relative one (as stored) under `log_dir`; an absolute one (a path outside the
+    log dir, or a store written before paths were stored relative) as it is."""
+    return Path(log_dir) / value
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -106,9 +138,16 @@ def key_columns(params: Sequence[str] = ()) -> list[str]:
 class Tracker:
     """MLflow when `enabled`, otherwise a no-op with the same interface."""
 
-    def __init__(self, tracking_uri: str | None, experiment: str = "salsa", artifact_dir: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        experiment: str = "salsa",
+        artifact_dir: str | None = None,
+        log_dir: str | os.PathLike | None = None,
+    ):
         self.enabled = bool(tracking_uri)
         self.tracking_uri = tracking_uri
+        self.log_dir = os.path.abspath(log_dir) if log_dir else None  # paths under it are stored relative to it
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
         if not self.enabled:
@@ -134,7 +173,11 @@ class Tracker:
         if not lg or lg.get("name") != "mlflow":
             return cls(None)
         Path(cfg.paths.log_dir).mkdir(parents=True, exist_ok=True)
-        return cls(lg.tracking_uri, lg.experiment_name, lg.get("artifact_location"))
+        return cls(lg.tracking_uri, lg.experiment_name, lg.get("artifact_location"), cfg.paths.log_dir)
+
+    def portable(self, value: Any) -> str:
+        """A tag's or param's value as stored: `relative_to_log_dir` when the log dir is known."""
+        return relative_to_log_dir(str(value), self.log_dir) if self.log_dir else str(value)
 
     # -- runs ----------------------------------------------------------------------------------------------------
     @contextmanager
@@ -144,7 +187,8 @@ class Tracker:
         if not self.enabled:
             yield None
             return
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags or {})
+        tags = {k: self.portable(v) for k, v in (tags or {}).items()}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.parent_id = run.info.run_id
         if cfg is not None:
             self.log_params(self.parent_id, OmegaConf.to_container(cfg, resolve=True))
@@ -177,6 +221,8 @@ class Tracker:
         """A saved view of the experiment's runs table (the UI's "Views" menu; also opened by `ui_url(view_id)`)."""
         if not self.enabled:
             return
+        if self.log_dir and state.get("searchFilter"):  # it compares tags, which hold relative paths
+            state = {**state, "searchFilter": relative_filter(state["searchFilter"], self.log_dir)}
         now = int(time.time() * 1000)
         envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
         self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + view_id, json.dumps(envelope))
@@ -194,7 +240,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        flat = [Param(k, self.portable(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):
             self.client.log_batch(run_id, params=flat[i : i + 100])
 
@@ -213,7 +259,7 @@ class Tracker:
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         if self.enabled and run_id:
             for k, v in tags.items():
-                self.client.set_tag(run_id, k, str(v))
+                self.client.set_tag(run_id, k, self.portable(v))
 
     def log_artifact(self, run_id: str | None, path: str | os.PathLike, subdir: str | None = None) -> None:
         if self.enabled and run_id and Path(path).exists():
