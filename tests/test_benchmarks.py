@@ -95,3 +95,13 @@ def test_gpu_benchmark_script_runs_tiny(capsys):
     assert result["device"] == "cpu" and len(result["iteration_s"]) == 2
     assert result["tokens_per_s"] > 0 and math.isfinite(result["final_stats"]["ppo/value_loss"])
     assert '"tokens_per_s"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sampling_throughput_smoke(tmp_path):
+    results = _run("sampling_throughput.py", tmp_path=tmp_path)
+    (run,) = results["runs"]["tiny"]
+    assert results["machine"]["cores"] > 0 and run["batch"] == 2
+    for side in ("eager", "compiled"):
+        assert run[side]["seconds"] > 0 and run[side]["tokens_per_s"] > 0, side
+    assert run["compile_s"] >= 0 and run["amortised"]["iterations"] == 30

@@ -14,6 +14,7 @@ from salsa.models.hf import (
     tiny_gemma,
     train_word_tokenizer,
 )
+from salsa.models.sampler import bucket_prompts, cache_length
 
 
 def _tiny(tmp_path):
@@ -127,3 +128,75 @@ def test_row_chunks_hand_case():
     assert row_chunks(7, 10, 100, budget=24_000) == [slice(0, 3), slice(3, 6), slice(6, 9)]
     assert row_chunks(2, 10, 100, budget=1) == [slice(0, 1), slice(1, 2)]
     assert row_chunks(2, 10, 100, budget=10**9) == [slice(0, 2)]
+
+
+def _peaked_tiny(tok):
+    """A tiny Gemma whose greedy answers vary and sometimes end: at initialisation the residual stream echoes the last
+    prompt token, so the layers' weights are scaled up, and the end token's embedding (tied to the LM head) too."""
+    torch.manual_seed(0)
+    model = tiny_gemma(
+        tok,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+    )
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)
+        model.get_input_embeddings().weight[tok.eos_token_id] *= 4.0
+    return model.eval()
+
+
+def test_bucket_prompts_pads_on_the_left():
+    query, mask = torch.tensor([[0, 7, 8], [6, 7, 8]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    q, m = bucket_prompts(query, mask, pad_id=0, multiple=4)
+    assert q.tolist() == [[0, 0, 7, 8], [0, 6, 7, 8]] and m.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    assert bucket_prompts(q, m, pad_id=0, multiple=4)[0] is q  # already a multiple: unchanged
+    assert cache_length(32, 40) == 96 and cache_length(32, 64) == 96
+
+
+def test_compiled_sampler_matches_eager():
+    """Static cache + compiled decode step (float32, CPU): greedy tokens identical to the eager sampler's, with left
+    padding and rows that end early; sampled tokens carry log-probs equal to a teacher-forced rescoring; and a
+    batch of another prompt width in the same bucket reuses the compiled graph."""
+    tok = train_word_tokenizer([f"{e.prompt} {e.response}" for e in SyntheticTask(0).sft_examples(300)])
+    model = _peaked_tiny(tok)
+    prompts = [
+        "tell me about the fox .",
+        "describe the rain and the snow .",
+        "what do you think of the comet ?",
+        "why ?",
+    ]
+    query, qmask = encode_prompts(tok, prompts, 32)
+    assert (qmask[:, 0] == 0).any()
+
+    eager = sample(model, tok, query, qmask, max_new_tokens=12, do_sample=False)
+    compiled = sample(model, tok, query, qmask, max_new_tokens=12, do_sample=False, compiled=True)
+    ended_early = eager.response_mask.sum(1) < eager.response.size(1)
+    assert ended_early.any() and not ended_early.all()  # the case the masks must get right
+    assert torch.equal(compiled.query, query) and torch.equal(compiled.response, eager.response)
+    assert torch.equal(compiled.response_mask, eager.response_mask) and torch.equal(compiled.ended, eager.ended)
+    torch.testing.assert_close(compiled.logprobs, eager.logprobs, rtol=1e-4, atol=1e-4)
+
+    torch.manual_seed(3)
+    drawn = sample(model, tok, query, qmask, max_new_tokens=12, temperature=0.7, compiled=True)
+    with torch.no_grad():
+        rescored = token_logprobs(
+            response_logits(model, drawn.sequences, drawn.attention_mask, query.size(1)), drawn.response, 0.7
+        )
+    torch.testing.assert_close(drawn.logprobs, rescored * drawn.response_mask, rtol=1e-4, atol=1e-4)
+    assert torch.all(drawn.response[drawn.response_mask == 0] == tok.pad_token_id)
+    torch.manual_seed(3)
+    drawn_eagerly = sample(model, tok, query, qmask, max_new_tokens=12, temperature=0.7)
+    assert torch.equal(drawn.response, drawn_eagerly.response)  # same seed, same draws (float32 differences aside)
+
+    narrower, nmask = encode_prompts(tok, ["why ?", "the fox .", "the rain .", "tell me ."], 32)
+    assert narrower.size(1) < query.size(1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = sample(model, tok, narrower, nmask, max_new_tokens=12, do_sample=False, compiled=True)
+    assert torch.equal(again.response, sample(model, tok, narrower, nmask, 12, do_sample=False).response)

@@ -154,6 +154,21 @@ def test_merge_start_enters_the_ppo_key_only_where_it_applies(tmp_path, override
     assert spec.get("merged_start", False) is merged
 
 
+@pytest.mark.parametrize("group", ["ppo", "grpo"])
+def test_the_compiled_sampler_enters_keys_only_when_on(tmp_path, group):
+    """Keys of runs that sample eagerly stay what they were before the option existed; a compiled sampler's
+    rollouts may round differently, so they are another stage (and so is the evaluation that samples with it)."""
+    from salsa.infra.cache import Entry
+    from salsa.stages.ppo import stage_spec
+
+    entries = [Entry(stage, key, tmp_path, {}, reused=False) for stage, key in (("soup", "a"), ("rm", "b"))]
+    for on in (False, True):
+        cfg = make_cfg(tmp_path, f"{group}.compile_sampler={str(on).lower()}", f"ppo.compile_sampler={str(on).lower()}")
+        spec, _ = stage_spec(cfg, entries[0], entries[0], entries[1], group=group)
+        assert "compile_sampler" not in spec[group] and spec.get("compiled_sampler", False) is on
+        assert cfg.eval.compile_sampler is on  # evaluation samples the way PPO does
+
+
 def test_compiled_ppo_runs_the_same_iterations(stages, tmp_path, monkeypatch):
     """`ppo.compile`: the same two iterations as eager PPO (same samples, statistics to float tolerance), with the
     compiled kernels written to the on-disk cache a second run would load."""

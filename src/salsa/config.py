@@ -364,6 +364,7 @@ class PPOConfig(Group):
     ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
     merge_start: bool = True  # model.quant=none: fold the policy's start into the base's weights (fewer adapters)
     compile: bool = False  # torch.compile the four models' decoders for scoring and the update (full weights only)
+    compile_sampler: bool = False  # sample with a static KV cache and a compiled decode step (README: Performance)
 
     POSITIVE_INT = (
         "iterations", "batch_size", "num_minibatches", "ppo_epochs", "response_length", "max_prompt_length",
@@ -412,6 +413,7 @@ class GroupConfig(Group):
     seed: int = 0  # prompt order, sampling and minibatch order
     ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
     merge_start: bool = True  # model.quant=none: fold the policy's start into the base's weights (fewer adapters)
+    compile_sampler: bool = False  # sample with a static KV cache and a compiled decode step (README: Performance)
 
     POSITIVE_INT = (
         "iterations", "batch_size", "num_minibatches", "epochs", "response_length", "max_prompt_length", "ckpt_every",
@@ -506,6 +508,7 @@ class EvalConfig(Group):
     response_length: int = 40
     max_prompt_length: int = 32
     tie_tolerance: float = 1e-6
+    compile_sampler: bool = False  # sample with a static KV cache and a compiled decode step (README: Performance)
     # who judges the win rates: auto = gold on the embedded task, heldout_rm on hub data; gold; heldout_rm = a second
     # reward model trained (seed rm.seed + 1) on `judge_share` of the preference pairs, which the policy's reward
     # model never sees; rm = the policy's own reward model (not independent: it rewards the policy's hacks); or a path

@@ -61,7 +61,10 @@ class GroupModule(pl.LightningModule):
     # -- 1-3: rollout --------------------------------------------------------------------------------------------
     def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> Samples:
         c = self.config
-        return sample(self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature)
+        return sample(
+            self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature,
+            compiled=c.compile_sampler,
+        )  # fmt: skip
 
     @without_grad_of(lambda self: self.actors.models())
     def rollout(self, prompts: list[str], iteration: int) -> dict:

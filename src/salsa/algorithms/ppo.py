@@ -106,7 +106,10 @@ class PPOModule(pl.LightningModule):
     # -- 1-5: rollout ----------------------------------------------------------------------------------------------
     def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> Samples:
         c = self.config
-        return sample(self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature)
+        return sample(
+            self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature,
+            compiled=c.compile_sampler,
+        )  # fmt: skip
 
     # no autograd bookkeeping (inference mode; plain no-grad on sharded weights): the update's minibatch indexing
     # turns these into ordinary tensors

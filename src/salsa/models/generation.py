@@ -8,6 +8,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from salsa.data.tokens import pad_left, prompt_ids
+from salsa.models.sampler import bucket_prompts, cache_length, compile_config
 from salsa.models.sharding import gathered, without_grad_of
 
 
@@ -81,22 +82,8 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.size(0), 0)).float()
 
 
-@without_grad_of(lambda model: [model])  # inference mode, or no-grad on sharded weights
-def sample(
-    model,
-    tokenizer,
-    query: torch.Tensor,
-    query_mask: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    do_sample: bool = True,
-) -> Samples:
-    """Sample (or greedily decode) responses with the KV cache; logprobs come from the generation's own logits
-    (`SampledLogprobs`), so no second policy forward pass is needed. Tokens after the end token become padding.
-    A sharded model samples on its gathered weights (`salsa.models.sharding`: ranks stop at different lengths)."""
-    was_training = model.training
-    model.eval()
-    gen_cfg = GenerationConfig(
+def _generation_config(tokenizer, max_new_tokens: int, temperature: float, do_sample: bool) -> GenerationConfig:
+    return GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         temperature=temperature if do_sample else None,
@@ -108,16 +95,52 @@ def sample(
         use_cache=True,
         return_dict_in_generate=True,
     )
+
+
+def _static(gen_cfg: GenerationConfig, prompt_width: int, device: torch.device) -> GenerationConfig:
+    """The compiled sampler's settings: a static cache of a bucketed length, and a compiled decode step."""
+    gen_cfg.cache_implementation = "static"
+    gen_cfg.max_cache_len = cache_length(prompt_width, gen_cfg.max_new_tokens)
+    gen_cfg.compile_config = compile_config(device)
+    return gen_cfg
+
+
+@without_grad_of(lambda model: [model])  # inference mode, or no-grad on sharded weights
+def sample(
+    model,
+    tokenizer,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    compiled: bool = False,
+) -> Samples:
+    """Sample (or greedily decode) responses with the KV cache; logprobs come from the generation's own logits
+    (`SampledLogprobs`), so no second policy forward pass is needed. Tokens after the end token become padding.
+    A sharded model samples on its gathered weights (`salsa.models.sharding`: ranks stop at different lengths).
+
+    `compiled`: a static KV cache and a torch.compile'd decode step (`salsa.models.sampler`), prompts left-padded to
+    a bucketed width so graphs are reused across calls. The returned `query` is the caller's, unpadded."""
+    was_training = model.training
+    model.eval()
+    gen_cfg = _generation_config(tokenizer, max_new_tokens, temperature, do_sample)
+    inputs, inputs_mask = query, query_mask
+    if compiled:
+        inputs, inputs_mask = bucket_prompts(query, query_mask, tokenizer.pad_token_id)
+        gen_cfg = _static(gen_cfg, inputs.size(1), query.device)
     recorder = SampledLogprobs(temperature if do_sample else 1.0)
-    with torch.compiler.set_stance("force_eager"), gathered(model):  # a compiled decoder (ppo.compile): eagerly
+    # eager: a compiled decoder (ppo.compile) would recompile as the dynamic cache grows, so it runs eagerly here
+    stance = "default" if compiled else "force_eager"
+    with torch.compiler.set_stance(stance), gathered(model):
         out = model.generate(
-            input_ids=query,
-            attention_mask=query_mask,
+            input_ids=inputs,
+            attention_mask=inputs_mask,
             generation_config=gen_cfg,
             logits_processor=LogitsProcessorList([recorder]),
         )
     model.train(was_training)
-    response = out.sequences[:, query.size(1) :]
+    response = out.sequences[:, inputs.size(1) :]
     logprobs = recorder.finish(out.sequences)
     mask, ended = response_mask(response, tokenizer.eos_token_id)
     response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))

@@ -41,7 +41,7 @@ def answer(
     for i in track(range(0, len(prompts), e.batch_size), f"[eval] {name}: generating"):
         chunk = prompts[i : i + e.batch_size]
         query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length, next(model.parameters()).device)
-        s = sample(model, tokenizer, query, mask, e.response_length, e.temperature, e.do_sample)
+        s = sample(model, tokenizer, query, mask, e.response_length, e.temperature, e.do_sample, e.compile_sampler)
         texts += decode(tokenizer, s)
         ended += s.ended.tolist()
         answer_tokens = response_positions(s.response_mask, s.sequences.size(1))
@@ -106,7 +106,8 @@ def run_eval(
     spec = {
         "policy": policy.key, "sft": sft0.key, "baseline": baseline.key if baseline else None, "rm": rm.key,
         "reference": reference.key, "data": plain(cfg.data), "judge": judge_id,
-        "eval": {k: v for k, v in plain(cfg.eval).items() if k not in EXPORT_KEYS},  # export has its own stage
+        "eval": {k: v for k, v in plain(cfg.eval).items() if k not in (*EXPORT_KEYS, "compile_sampler")},
+        **({"compiled_sampler": True} if cfg.eval.get("compile_sampler") else {}),  # in the key only when on
     }  # fmt: skip
 
     def build(work: Path, run_id: str | None) -> dict:

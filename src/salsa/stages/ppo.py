@@ -74,16 +74,18 @@ def stage_spec(
     """An algorithm's cache key material (its settings are `cfg[group]`), and whether the policy's start is merged
     into the base.
 
-    `merge_start` enters the key only where it applies (adapters on a plain-weight base), and `compile` only when on
-    (compiled kernels round differently): elsewhere they change nothing, and the keys of runs that use neither stay
-    what they were before the options existed."""
+    `merge_start` enters the key only where it applies (adapters on a plain-weight base), and `compile` and
+    `compile_sampler` only when on (compiled kernels round differently): elsewhere they change nothing, and the keys
+    of runs that use none stay what they were before the options existed."""
     settings = plain(cfg[group])
     merge_start, compiled = settings.pop("merge_start", False), settings.pop("compile", False)
+    compiled_sampler = settings.pop("compile_sampler", False)
     merged = uses_adapters(cfg.model) and merges_start(BaseSettings.from_cfg(cfg.model), merge_start)
     spec = {
         "policy_init": policy_init.key, "reference": reference.key, **({"rm": rm.key} if rm is not None else {}),
         group: settings, "data": plain(cfg.data), **update_spec(ref_update),
         **({"merged_start": True} if merged else {}), **({"compiled": True} if compiled else {}),
+        **({"compiled_sampler": True} if compiled_sampler else {}),
     }  # fmt: skip
     return spec, merged
 
