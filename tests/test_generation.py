@@ -17,11 +17,9 @@ from salsa.models.hf import (
 from salsa.models.sampler import bucket_prompts, cache_length
 
 
-def _tiny(tmp_path):
-    task = SyntheticTask(0)
-    tok = train_word_tokenizer([f"{e.prompt} {e.response}" for e in task.sft_examples(300)])
+def _tiny_model(tok):
     torch.manual_seed(0)
-    model = tiny_gemma(
+    return tiny_gemma(
         tok,
         hidden_size=32,
         intermediate_size=64,
@@ -31,6 +29,12 @@ def _tiny(tmp_path):
         head_dim=16,
         max_position_embeddings=128,
     )
+
+
+def _tiny(tmp_path):
+    task = SyntheticTask(0)
+    tok = train_word_tokenizer([f"{e.prompt} {e.response}" for e in task.sft_examples(300)])
+    model = _tiny_model(tok)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     return tok, model.eval()
@@ -133,17 +137,7 @@ def test_row_chunks_hand_case():
 def _peaked_tiny(tok):
     """A tiny Gemma whose greedy answers vary and sometimes end: at initialisation the residual stream echoes the last
     prompt token, so the layers' weights are scaled up, and the end token's embedding (tied to the LM head) too."""
-    torch.manual_seed(0)
-    model = tiny_gemma(
-        tok,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-    )
+    model = _tiny_model(tok)
     with torch.no_grad():
         for p in model.model.layers.parameters():
             if p.dim() == 2:
