@@ -138,7 +138,7 @@ def test_experiments_in_a_hydra_searchpath_dir_are_options(tmp_path):
         "experiment=nope is not an option; experiment is one of: ablations, algorithms, example, mine, paper_gemma2b, "
         "paper_llama2_7b, paper_mistral7b, replicate, typo"
     )
-    assert unknown_group_option(["experiment=mine"], CONF).startswith("experiment=mine is not an option")  # no path
+    assert unknown_group_option(["experiment=mine"], [CONF]).startswith("experiment=mine is not an option")  # no path
 
 
 def test_search_dirs_are_found_as_hydra_finds_them(tmp_path, monkeypatch):

@@ -96,10 +96,9 @@ def group_options(dirs: Sequence[Traversable], group: str) -> list[str] | None:
     return sorted({f.name.removesuffix(".yaml") for g in groups for f in g.iterdir() if f.name.endswith(".yaml")})
 
 
-def unknown_group_option(argv: Sequence[str], dirs: Path | Sequence[Traversable]) -> str | None:
+def unknown_group_option(argv: Sequence[str], dirs: Sequence[Traversable]) -> str | None:
     """The first `group=option` override naming an option that no search dir has (`<dir>/<group>/<option>.yaml`),
-    as a message listing the options of all of them. `dirs`: `search_dirs(...)`, or the one conf/ directory."""
-    dirs = [dirs] if isinstance(dirs, Path) else list(dirs)
+    as a message listing the options of all of them. `dirs`: `search_dirs(...)`."""
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue

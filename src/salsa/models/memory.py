@@ -323,15 +323,23 @@ def estimate_heldout(shapes: Shapes, quant: str, adapter_ranks: int, rows: int, 
     )
 
 
+def sampling_work_bytes(shapes: Shapes, batch: int, prompt: int, new: int, dtype_bytes: int = BF16) -> int:
+    """What sampling `batch` answers of `new` tokens holds besides the weights: the KV cache, the larger of one step's
+    logits and the reference's scoring of the answers (for the KL), and a no-grad forward, in the models' dtype."""
+    return (
+        kv_cache_bytes(shapes.layers, batch, prompt + new, shapes.kv_dim, dtype_bytes)
+        + max(generation_logits_bytes(batch, shapes.vocab), scoring_logits_bytes(batch, new, shapes.vocab))
+        + inference_activation_bytes(shapes, batch * (prompt + new), dtype_bytes)
+    )
+
+
 def estimate_sampling(shapes: Shapes, quant: str, adapter_ranks: int, batch: int, prompt: int, new: int) -> float:
     """Peak bytes of sampling `batch` answers of `new` tokens (evaluation, export): the base with every adapter the
-    stage loads, the KV cache, one step's logits, and the reference's scoring of the answers (for the KL)."""
+    stage loads, and the sampling's own memory (`sampling_work_bytes`)."""
     return (
         base_bytes(shapes, quant)
         + lora_parameters(shapes.targets, adapter_ranks) * FP32
-        + kv_cache_bytes(shapes.layers, batch, prompt + new, shapes.kv_dim)
-        + max(generation_logits_bytes(batch, shapes.vocab), scoring_logits_bytes(batch, new, shapes.vocab))
-        + inference_activation_bytes(shapes, batch * (prompt + new))
+        + sampling_work_bytes(shapes, batch, prompt, new)
     )
 
 
@@ -417,12 +425,7 @@ def estimate_full_sampling(shapes: Shapes, parameters: int, batch: int, prompt: 
     """Bytes of sampling `batch` answers of `new` tokens with float32 models holding `parameters` in all (evaluation,
     export): their weights, the float32 KV cache, one step's logits or the reference's scoring, and a float32
     no-grad forward."""
-    return (
-        parameters * FP32
-        + kv_cache_bytes(shapes.layers, batch, prompt + new, shapes.kv_dim, FP32)
-        + max(generation_logits_bytes(batch, shapes.vocab), scoring_logits_bytes(batch, new, shapes.vocab))
-        + inference_activation_bytes(shapes, batch * (prompt + new), FP32)
-    )
+    return parameters * FP32 + sampling_work_bytes(shapes, batch, prompt, new, FP32)
 
 
 def loads_judge_model(judge: str, data: str) -> bool:
