@@ -231,7 +231,7 @@ def run_ours(workdir: Path, algo: str, iterations: int, out: Path) -> None:
     class Timed(module_cls):
         def generate(self, query, query_mask):
             s = clock.timed("generation", super().generate)(query, query_mask)
-            clock.shape = {"batch": query.size(0), "prompt_len": query.size(1), "response_len": s.response.size(1)}
+            clock.shape = {"batch": query.size(0), "prompt_len": query.size(1), "response_len": s[0].response.size(1)}
             return s
 
         def update(self, batch, prompt_len, iteration):

@@ -222,3 +222,23 @@ def long_prompt_rows(n: int, words: int, answer_words: int = 0) -> list[dict]:
                 answer = " ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(answer_words))
                 r[key][1]["content"] = f"{r[key][1]['content']} {answer}"
     return rows
+
+
+def adapter_view(
+    ckpt: Path, quant: str, names: list[str], scale: float, seed: int = 0, active: list[str] | None = None
+):
+    """A shared base (`quant`: none | nf4) from `ckpt` holding one fresh adapter per name, each with B drawn from
+    N(0, scale²) so it changes the model; returns (shared base, the causal view with `active` (default: all) on)."""
+    from salsa.models.qlora import BaseSettings
+    from salsa.models.shared_base import SharedBase
+
+    settings = BaseSettings(name_or_path=str(ckpt), quant=quant, gradient_checkpointing=False)
+    shared = SharedBase.load(settings, "cpu")
+    torch.manual_seed(seed)
+    for name in names:
+        shared.new_adapter(name, settings.lora)
+        with torch.no_grad():
+            for pname, p in shared.lm.named_parameters():
+                if f"lora_B.{name}." in pname:
+                    p.normal_(0, scale)
+    return shared, shared.causal(active if active is not None else names)

@@ -121,6 +121,12 @@ def test_estimate_parts_add_up():
     assert merged["peak"] == plain["peak"] - max(plain["activations_train"], plain["rollout"]) + max(
         plain["activations_train"], plain["rollout"], merged["merge"]
     )
+    # rollout=hf_merged: a bf16 copy of the whole policy, held for the run
+    copy = estimate(
+        shapes, "nf4", r=2, ingredients=3, rollout_batch=4, minibatch=2, prompt_len=3, response_len=5,
+        sampling_copy=True,
+    )  # fmt: skip
+    assert copy["sampling_copy"] == 2 * shapes.parameters and copy["peak"] == parts["peak"] + 2 * shapes.parameters
 
 
 # published parameter counts of the three models

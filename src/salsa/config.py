@@ -30,6 +30,7 @@ QUANT = ("nf4", "none")  # model.quant of hub/local checkpoints (salsa.models.ql
 FINETUNE = ("lora", "full")  # model.finetune of hub/local checkpoints
 BENCHMARKS = ("mt_bench", "arena_hard")  # eval.export (salsa.data.benchmarks)
 JUDGES = ("auto", "gold", "heldout_rm", "rm")  # eval.judge, besides a path (salsa.stages.evaluate)
+ENGINES = ("hf", "hf_merged", "vllm")  # rollout.engine (salsa.models.engines)
 
 # the repository this package runs from (src/salsa/config.py -> the repo root), unless SALSA_ROOT says otherwise
 REPO_ROOT = Path(os.environ.get("SALSA_ROOT", Path(__file__).resolve().parents[2]))
@@ -542,6 +543,40 @@ class EvalConfig(Group):
 
 
 @dataclass
+class RolloutConfig(Group):
+    """`rollout=`: what samples the online algorithms' rollouts and the evaluation's answers
+    (`salsa.models.engines`). `hf` samples with the training model; `vllm` with a vLLM engine in the same process,
+    weights pushed before every rollout, behaviour log-probs recomputed by the training model (exact PPO)."""
+
+    engine: str = "hf"  # hf | hf_merged (a plain merged copy samples; bf16 on CUDA) | vllm
+    # vllm: weight the policy loss of each token by min(π_trainer/π_engine, tis_cap), the truncated importance
+    # correction of the engine's sampling distribution against the training model's; null = off (the engine's
+    # samples are taken as the training model's, and the gap is only logged)
+    tis_cap: float | None = None
+    gpu_memory_utilization: float = 0.3  # vllm on CUDA: the device share its weights and KV cache may take
+    sleep: bool = True  # vllm on CUDA: free its memory during the update (vLLM's sleep mode)
+    kv_cache_gib: int = 1  # vllm on CPU: GiB of RAM for its KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB)
+    enforce_eager: bool | None = None  # vllm: no compiled graphs; null = eager on CPU, CUDA graphs on GPU
+
+    def check(self, prefix: str) -> None:
+        one_of(f"{prefix}.engine", self.engine, ENGINES)
+        if self.tis_cap is not None and not number(f"{prefix}.tis_cap", self.tis_cap) >= 1:
+            raise ConfigError(f"{prefix}.tis_cap", f"must be ≥ 1 (or null), got {self.tis_cap!r}")
+        if not 0 < number(f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization) <= 1:
+            raise ConfigError(
+                f"{prefix}.gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+        positive_int(f"{prefix}.kv_cache_gib", self.kv_cache_gib)
+
+    def key(self) -> dict[str, Any]:
+        """What enters a stage's cache key: nothing under `hf` (keys stay what they were before engines existed);
+        under another engine, the settings that change what is sampled or how the update weighs it."""
+        if self.engine == "hf":
+            return {}
+        return {"rollout": {"engine": self.engine, "tis_cap": self.tis_cap}}
+
+
+@dataclass
 class AlgoConfig(Group):
     """`algo=`: the policy-optimisation stage (`salsa.algorithms.ALGORITHMS`); its settings are its own group."""
 
@@ -630,14 +665,23 @@ class TrainConfig(Group):
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: dict[str, Any] = field(default_factory=dict)  # pytorch_lightning.Trainer's arguments
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     extras: ExtrasConfig = field(default_factory=ExtrasConfig)
     landscape: LandscapeConfig | None = None
 
 
+def rollout_config(cfg: Any) -> RolloutConfig:
+    """The run's `rollout=` group (the default `hf` for a config composed without one)."""
+    node = cfg.get("rollout") if hasattr(cfg, "get") else None
+    return RolloutConfig.from_cfg(node) if node is not None else RolloutConfig()
+
+
 # groups whose `check` takes only its key; the soup's also needs the reference's size (see `check_groups`)
-CHECKED_GROUPS = ("model", "data", "sft", "ref", "init", "rm", "algo", "ppo", "dpo", "grpo", "rloo", "eval")
+CHECKED_GROUPS = (
+    "model", "data", "sft", "ref", "init", "rm", "algo", "ppo", "dpo", "grpo", "rloo", "eval", "rollout",
+)  # fmt: skip
 
 
 def typed(node: Any, cls: type) -> Any:

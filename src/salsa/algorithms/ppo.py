@@ -19,7 +19,8 @@ import pytorch_lightning as pl
 import torch
 
 from salsa.algorithms.reference import MovingReference, keep_trainable
-from salsa.config import PPOConfig
+from salsa.algorithms.rollout import EngineRollouts, rollout_settings
+from salsa.config import PPOConfig, RolloutConfig
 from salsa.data.task import judge_answers
 from salsa.data.tokens import report_long_prompts
 from salsa.functional import (
@@ -37,7 +38,7 @@ from salsa.functional import (
 )
 from salsa.infra.guards import check_finite
 from salsa.models.actors import FullActors, scored_logprobs
-from salsa.models.generation import Samples, decode, encode_prompts, sample
+from salsa.models.generation import Samples, decode, encode_prompts
 from salsa.models.sharding import data_parallel_mesh, gathered, without_grad_of
 
 
@@ -83,10 +84,10 @@ class _OneBatch(torch.utils.data.Dataset):
         return i
 
 
-class PPOModule(pl.LightningModule):
+class PPOModule(EngineRollouts, pl.LightningModule):
     def __init__(
         self, actors: FullActors, tokenizer, prompts: list[str], config: PPOConfig, judge=None,
-        moving: MovingReference | None = None,
+        moving: MovingReference | None = None, rollout: RolloutConfig | None = None,
     ):  # fmt: skip
         super().__init__()
         if config.batch_size % config.num_minibatches:
@@ -95,6 +96,7 @@ class PPOModule(pl.LightningModule):
                 f"ppo.num_minibatches ({config.num_minibatches})"
             )
         self.actors, self.tokenizer, self.prompts, self.config, self.judge = actors, tokenizer, prompts, config, judge
+        self.rollout_settings = rollout_settings(rollout)  # rollout.engine: what samples
         self.moving = moving if moving is not None and moving.moving else None  # ref.update: ema | sync
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
         self.automatic_optimization = False
@@ -104,12 +106,10 @@ class PPOModule(pl.LightningModule):
         self.save_hyperparameters(asdict(config))
 
     # -- 1-5: rollout ----------------------------------------------------------------------------------------------
-    def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> Samples:
-        c = self.config
-        return sample(
-            self.actors.generator, self.tokenizer, query, query_mask, c.response_length, c.temperature,
-            compiled=c.compile_sampler,
-        )  # fmt: skip
+    def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> tuple[Samples, dict, torch.Tensor | None]:
+        """Samples with the training model's log-probs, the engine's statistics, importance weights or None
+        (`salsa.algorithms.rollout`)."""
+        return self.draw(query, query_mask)
 
     # no autograd bookkeeping (inference mode; plain no-grad on sharded weights): the update's minibatch indexing
     # turns these into ordinary tensors
@@ -118,7 +118,7 @@ class PPOModule(pl.LightningModule):
         c = self.config
         torch.manual_seed(c.seed * 1_000_003 + iteration)  # sampling is a function of (seed, iteration): resumable
         query, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, self.device)
-        s: Samples = self.generate(query, query_mask)
+        s, engine_stats, is_weights = self.generate(query, query_mask)
         seq, attn, mask, P = s.sequences, s.attention_mask, s.response_mask, query.size(1)
 
         # a few rows at a time: full-vocabulary logits of the whole rollout would be the run's largest tensor
@@ -150,6 +150,7 @@ class PPOModule(pl.LightningModule):
             "ppo/response_length": s.lengths.mean(),
             "ppo/ended_frac": s.ended.float().mean(),
             "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
+            **{f"ppo/{k}": v for k, v in engine_stats.items()},
         }
         if self.judge is not None:
             texts = decode(self.tokenizer, s)
@@ -158,6 +159,7 @@ class PPOModule(pl.LightningModule):
         batch = {
             "sequences": seq, "attention_mask": attn, "response": s.response, "mask": mask,
             "logprobs": s.logprobs, "values": values, "advantages": advantages, "returns": returns,
+            **({"is_weights": is_weights} if is_weights is not None else {}),
         }  # fmt: skip
         return {"batch": batch, "prompt_len": P, "stats": stats}
 
@@ -170,7 +172,9 @@ class PPOModule(pl.LightningModule):
             logits = self.actors.policy_logits(mb["sequences"], mb["attention_mask"], prompt_len) / c.temperature
             logp, token_entropy = logprobs_and_entropy(logits, mb["response"])  # one log-softmax for both
             values = self.actors.values(mb["sequences"], mb["attention_mask"], prompt_len)
-            pg_loss, pg_stats = ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip)
+            pg_loss, pg_stats = ppo_policy_loss(
+                logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip, mb.get("is_weights")
+            )
             vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], c.value_clip)
             loss = pg_loss + c.vf_coef * vf_loss
             clipped_step(self, opt, loss, c.max_grad_norm)
@@ -204,6 +208,9 @@ class PPOModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         report_long_prompts(self.tokenizer, self.prompts, self.config.max_prompt_length, "ppo.max_prompt_length")
+
+    def on_fit_end(self) -> None:
+        self.close_engine()
 
     def configure_model(self) -> None:
         """trainer=fsdp2: shard the models over the data-parallel processes (`salsa.models.sharding`); nothing

@@ -31,7 +31,9 @@ class RLOOModule(GroupModule):
         return adv, {"reward": rewards.mean(), "advantage_abs": adv.abs().mean()}
 
     def loss(self, logp: torch.Tensor, mb: dict[str, torch.Tensor]):
-        surrogate, clipped = clipped_surrogate(logp, mb["logprobs"], mb["advantages"], self.config.clip)
+        surrogate, clipped = clipped_surrogate(
+            logp, mb["logprobs"], mb["advantages"], self.config.clip, mb.get("is_weights")
+        )
         loss = aggregate_tokens(surrogate, mb["mask"], "token")
         with torch.no_grad():
             return loss, {"clip_frac": masked_mean(clipped.float(), mb["mask"])}

@@ -226,10 +226,13 @@ def estimate(
     response_len: int,
     checkpointing: bool = True,
     merged_start: bool = False,
+    sampling_copy: bool = False,
 ) -> dict[str, float]:
     """Bytes of each part of a PPO run on one GPU under the QLoRA plan (see the module docstring). `merged_start`:
     the soup is folded into a plain-weight base first (`ppo.merge_start`); its negated adapter replaces the soup's,
-    and the merge itself holds one projection's weight and delta in float32 for a moment, before the rollout."""
+    and the merge itself holds one projection's weight and delta in float32 for a moment, before the rollout.
+    `sampling_copy` (`rollout=hf_merged`): a bfloat16 copy of the policy with its adapters merged samples the
+    rollouts; it stays allocated for the run, and building it holds one projection's float32 sum for a moment."""
     seq = prompt_len + response_len
     base = base_bytes(shapes, quant)
     one_adapter = lora_parameters(shapes.targets, r)
@@ -250,6 +253,7 @@ def estimate(
         "activations_train": train,
         "rollout": rollout,
         "merge": merge,
+        "sampling_copy": shapes.parameters * BF16 if sampling_copy else 0,
     }
     transient = ("activations_train", "rollout", "merge")
     parts["peak"] = sum(v for k, v in parts.items() if k not in transient) + max(train, rollout, merge)
@@ -440,6 +444,9 @@ def estimate_full_from_cfg(cfg: Any, shapes: Shapes, sizes: dict[str, int]) -> d
     an SFT ingredient's held-out loss, computed after Lightning moved the trained model back to the CPU."""
     s, e = cfg.sft, cfg.eval
     parts = estimate_full(shapes, **sizes)
+    copy = shapes.parameters * BF16 if (cfg.get("rollout") or {}).get("engine") == "hf_merged" else 0
+    parts["sampling_copy"] = copy  # rollout=hf_merged: a bf16 copy of the policy samples (on CUDA)
+    parts["peak"] += copy
     parts["sft_peak"] = estimate_full_supervised(
         shapes, s.batch_size, s.max_prompt_length + s.max_response_length, lm_head=True
     )
@@ -455,6 +462,8 @@ def estimate_full_from_cfg(cfg: Any, shapes: Shapes, sizes: dict[str, int]) -> d
     parts["export_sampling"] = estimate_full_sampling(
         shapes, parts["parameters"], a.batch_size, e.max_prompt_length, a.max_new_tokens
     )
+    parts["eval_sampling"] += copy
+    parts["export_sampling"] += copy
     parts["eval_judge"] = judge
     parts["stages"] = {
         "sft": parts["sft_peak"],
@@ -493,6 +502,7 @@ def estimate_from_cfg(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         len(cfg.ref.ingredients),
         checkpointing=bool(m.get("gradient_checkpointing", True)),
         merged_start=m.get("quant", "none") == "none" and bool(m.get("name_or_path")) and p.get("merge_start", True),
+        sampling_copy=(cfg.get("rollout") or {}).get("engine") == "hf_merged",
         **sizes,
     )
     quant, ckpt = m.get("quant", "none"), bool(m.get("gradient_checkpointing", True))
@@ -527,6 +537,9 @@ def estimate_from_cfg(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     parts["export_sampling"] = estimate_sampling(
         shapes, quant, r * (n + 1), a.batch_size, e.max_prompt_length, a.max_new_tokens
     )
+    if parts["sampling_copy"]:  # evaluation and export sample with the same kind of copy
+        parts["eval_sampling"] += parts["sampling_copy"]
+        parts["export_sampling"] += parts["sampling_copy"]
     parts["stages"] = {
         "sft": max(parts["sft_peak"], parts["sft_heldout"]),
         "soup": parts["soup_heldout"],
@@ -560,6 +573,11 @@ def full_report(parts: dict[str, Any], info: dict[str, Any]) -> str:
         f"  activations (train)   {gib['activations_train']:6.2f} GiB  (policy and value forwards, no checkpointing; "
         "their bf16 weight copies)",
         f"  rollout (KV + logits) {gib['rollout']:6.2f} GiB",
+        *(
+            [f"  sampling copy         {gib['sampling_copy']:6.2f} GiB  (rollout=hf_merged: the policy merged, bf16)"]
+            if parts.get("sampling_copy")
+            else []
+        ),  # fmt: skip
         f"  optimizer step        {gib['optimizer_step']:6.2f} GiB  (foreach AdamW's temporary, after backward)",
         f"  PPO peak              {gib['peak']:6.2f} GiB",
         f"  SFT peak              {gib['sft_peak']:6.2f} GiB  (sft.batch_size sequences of the SFT lengths)",
@@ -594,6 +612,11 @@ def qlora_report(parts: dict[str, Any], info: dict[str, Any]) -> str:
         f"  grads + optimizer     {gib['grads_and_optimizer']:6.2f} GiB",
         f"  activations (train)   {gib['activations_train']:6.2f} GiB",
         f"  rollout (KV + logits) {gib['rollout']:6.2f} GiB",
+        *(
+            [f"  sampling copy         {gib['sampling_copy']:6.2f} GiB  (rollout=hf_merged: the policy merged, bf16)"]
+            if parts.get("sampling_copy")
+            else []
+        ),  # fmt: skip
         f"  PPO peak              {gib['peak']:6.2f} GiB",
         f"  SFT peak              {gib['sft_peak']:6.2f} GiB  (sft.batch_size sequences of the SFT lengths)",
         f"  SFT held-out loss     {gib['sft_heldout']:6.2f} GiB  (logits of the target positions, in budgets)",

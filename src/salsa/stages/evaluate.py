@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from salsa.config import rollout_config
 from salsa.data.task import judge_answers
 from salsa.data.tokens import pad_right, prompt_ids, report_long_prompts, response_ids
 from salsa.functional import adjusted_win_rate
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.progress import track
-from salsa.models.generation import decode, encode_prompts, sample
+from salsa.models.engines import HFEngine, make_engine
+from salsa.models.generation import decode, encode_prompts
 from salsa.models.hf import load_reward_model, load_tokenizer, response_positions, sequence_scores
 from salsa.stages.base import stage_loader
 from salsa.stages.rm import judge_kind
@@ -30,18 +32,22 @@ EXPORT_KEYS = ("export", "answers")  # settings of the export stage, which do no
 
 @torch.no_grad()
 def answer(
-    model, tokenizer, prompts: list[str], e, reward_model, reference=None, name: str = "model", judge_model=None
-) -> dict:
-    """Sample answers in batches; return texts, ended flags, RM scores, (with a reference) sequence KLs and (with a
-    judge reward model on the same tokenizer) the judge's scores."""
+    model, tokenizer, prompts: list[str], e, reward_model, reference=None, name: str = "model", judge_model=None,
+    engine=None,
+) -> dict:  # fmt: skip
+    """Sample answers in batches (with `engine`, else the model itself: `salsa.models.engines`); return texts, ended
+    flags, RM scores, (with a reference) sequence KLs and (with a judge reward model on the same tokenizer) the
+    judge's scores. KLs use the model's own log-probs of its answers, whichever engine drew them."""
     from salsa.models.actors import response_logits, scored_logprobs
 
+    engine = engine if engine is not None else HFEngine(e.compile_sampler)
+    engine.sync(model)
     torch.manual_seed(e.seed)  # every model sees the same sampling noise
     texts, ended, scores, kls, judged = [], [], [], [], []
     for i in track(range(0, len(prompts), e.batch_size), f"[eval] {name}: generating"):
         chunk = prompts[i : i + e.batch_size]
         query, mask = encode_prompts(tokenizer, chunk, e.max_prompt_length, next(model.parameters()).device)
-        s = sample(model, tokenizer, query, mask, e.response_length, e.temperature, e.do_sample, e.compile_sampler)
+        s = engine.sample(tokenizer, query, mask, e.response_length, e.temperature, e.do_sample)
         texts += decode(tokenizer, s)
         ended += s.ended.tolist()
         answer_tokens = response_positions(s.response_mask, s.sequences.size(1))
@@ -50,11 +56,16 @@ def answer(
             judged += sequence_scores(judge_model, s.sequences, s.attention_mask, answer_tokens).tolist()
         if reference is not None:
             temp = e.temperature if e.do_sample else 1.0
-            logits_of = partial(response_logits, reference)
+            vocab = reference.config.vocab_size
             ref_logp = scored_logprobs(
-                logits_of, s.sequences, s.attention_mask, s.response, temp, reference.config.vocab_size
+                partial(response_logits, reference), s.sequences, s.attention_mask, s.response, temp, vocab
             )
-            kls += ((s.logprobs - ref_logp) * s.response_mask).sum(1).tolist()
+            own = s.logprobs
+            if not engine.exact_logprobs:
+                own = scored_logprobs(
+                    partial(response_logits, model), s.sequences, s.attention_mask, s.response, temp, vocab
+                )
+            kls += ((own - ref_logp) * s.response_mask).sum(1).tolist()
     out = {"texts": texts, "ended": ended, "rm": scores, "kl": kls}
     return {**out, "judge": judged} if judge_model is not None else out
 
@@ -108,6 +119,7 @@ def run_eval(
         "reference": reference.key, "data": plain(cfg.data), "judge": judge_id,
         "eval": {k: v for k, v in plain(cfg.eval).items() if k not in (*EXPORT_KEYS, "compile_sampler")},
         **({"compiled_sampler": True} if cfg.eval.get("compile_sampler") else {}),  # in the key only when on
+        **rollout_config(cfg).key(),  # the engine too: only when it is not hf
     }  # fmt: skip
 
     def build(work: Path, run_id: str | None) -> dict:
@@ -127,17 +139,21 @@ def run_eval(
         )
         models = {"policy": policy, "sft": sft0, **({"ppo": baseline} if baseline else {})}
         answers = {}
-        for name, entry in models.items():
-            answers[name] = answer(
-                loader.causal(entry.path),
-                tok,
-                prompts,
-                e,
-                reward_model,
-                ref_model if name == "policy" else None,
-                name,
-                judge_model,
-            )
+        engine = None  # one engine for the three models: each is pushed into it in turn
+        try:
+            for name, entry in models.items():
+                model = loader.causal(entry.path)
+                if engine is None:
+                    max_len = e.max_prompt_length + e.response_length
+                    engine = make_engine(rollout_config(cfg), model, max_len, compiled=e.compile_sampler, seed=e.seed)
+                answers[name] = answer(
+                    model, tok, prompts, e, reward_model, ref_model if name == "policy" else None, name, judge_model,
+                    engine,
+                )  # fmt: skip
+        finally:
+            if engine is not None:
+                engine.close()
+        for name in models:
             a = answers[name]
             if data.judge is not None:
                 a["gold"] = judge_answers(data.judge, prompts, a["texts"], a["ended"])

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from salsa.config import rollout_config
 from salsa.data.benchmarks import (
     answer_file,
     answer_record,
@@ -17,6 +18,7 @@ from salsa.data.benchmarks import (
 )
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
+from salsa.models.engines import make_engine
 from salsa.models.hf import load_tokenizer
 from salsa.stages.base import stage_loader
 
@@ -33,13 +35,18 @@ def export_answers(
     batch_size: int = 16,
     max_prompt_length: int | None = None,
     seed: int = 0,
+    engine=None,
 ) -> Path:
-    """Answer every turn of every question (turn j sees the answers to turns < j) and write the answer file."""
+    """Answer every turn of every question (turn j sees the answers to turns < j) and write the answer file;
+    `engine` samples (`salsa.models.engines`; the model itself by default)."""
     import torch
 
     from salsa.data.tokens import chat_ids, pad_left
-    from salsa.models.generation import decode, sample
+    from salsa.models.engines import HFEngine
+    from salsa.models.generation import decode
 
+    engine = engine if engine is not None else HFEngine()
+    engine.sync(model)
     device = next(model.parameters()).device
     turns = [question_turns(q) for q in questions]
     answers: list[list[str]] = [[] for _ in questions]
@@ -65,7 +72,7 @@ def export_answers(
                     ids.append(chat_ids(tokenizer, messages, max_prompt_length))
                 query = pad_left(ids, tokenizer.pad_token_id).to(device)
                 mask = pad_left([[1] * len(x) for x in ids], 0).to(device)
-                s = sample(model, tokenizer, query, mask, max_new_tokens, temp if temp > 0 else 1.0, temp > 0)
+                s = engine.sample(tokenizer, query, mask, max_new_tokens, temp if temp > 0 else 1.0, temp > 0)
                 for i, text, n in zip(chunk, decode(tokenizer, s), s.lengths.tolist(), strict=True):
                     answers[i].append(text)
                     lengths[i] = int(n)
@@ -83,25 +90,31 @@ def run_export(ctx: Context, policy: Entry) -> Entry:
     questions = read_questions(e.answers.questions, e.export)  # fail before anything is loaded
     spec = {
         "policy": policy.key, "benchmark": e.export, "answers": plain(e.answers), "questions": questions,
-        "max_prompt_length": e.max_prompt_length, "seed": e.seed,
+        "max_prompt_length": e.max_prompt_length, "seed": e.seed, **rollout_config(cfg).key(),
     }  # fmt: skip
 
     def build(work: Path, run_id: str | None) -> dict:
         a = e.answers
         model = stage_loader(ctx).causal(policy.path)
-        path = export_answers(
-            model,
-            load_tokenizer(policy.path),
-            questions,
-            e.export,
-            a.model_id,
-            work,
-            max_new_tokens=a.max_new_tokens,
-            temperature=a.temperature,
-            batch_size=a.batch_size,
-            max_prompt_length=e.max_prompt_length,
-            seed=e.seed,
-        )
+        max_len = (e.max_prompt_length or 0) + a.max_new_tokens
+        engine = make_engine(rollout_config(cfg), model, max_len, seed=e.seed)
+        try:
+            path = export_answers(
+                model,
+                load_tokenizer(policy.path),
+                questions,
+                e.export,
+                a.model_id,
+                work,
+                max_new_tokens=a.max_new_tokens,
+                temperature=a.temperature,
+                batch_size=a.batch_size,
+                max_prompt_length=e.max_prompt_length,
+                seed=e.seed,
+                engine=engine,
+            )
+        finally:
+            engine.close()
         log.info("[export] %d %s answers written to %s", len(questions), e.export, path)
         return {"file": str(path.relative_to(work)), "benchmark": e.export, "model_id": a.model_id}
 

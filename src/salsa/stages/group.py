@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from salsa.algorithms.grpo import GRPOConfig, GRPOModule
 from salsa.algorithms.rloo import RLOOConfig, RLOOModule
+from salsa.config import rollout_config
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context
 from salsa.models.actors import FullActors
@@ -20,7 +21,7 @@ def build_group_actors(policy_init: Entry, reference: Entry, rm: Entry) -> FullA
 def _run(ctx: Context, group: str, module_cls, config_cls, policy_init, reference, rm, ref_name, ref_update) -> Entry:
     def make_module(actors, tok, moving):
         config = config_cls.from_cfg(ctx.cfg[group])
-        return module_cls(actors, tok, ctx.data.prompts_train, config, ctx.data.judge, moving)
+        return module_cls(actors, tok, ctx.data.prompts_train, config, ctx.data.judge, moving, rollout_config(ctx.cfg))
 
     return run_online(ctx, group, make_module, policy_init, reference, rm, ref_name, value=False, ref_update=ref_update)
 

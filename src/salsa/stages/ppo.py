@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 
 from salsa.algorithms.ppo import PPOConfig, PPOModule
 from salsa.algorithms.reference import MovingReference, update_spec
+from salsa.config import rollout_config
 from salsa.infra.cache import Entry
 from salsa.infra.context import Context, log, plain
 from salsa.infra.training import fit_resumable
@@ -74,9 +75,10 @@ def stage_spec(
     """An algorithm's cache key material (its settings are `cfg[group]`), and whether the policy's start is merged
     into the base.
 
-    `merge_start` enters the key only where it applies (adapters on a plain-weight base), and `compile` and
-    `compile_sampler` only when on (compiled kernels round differently): elsewhere they change nothing, and the keys
-    of runs that use none stay what they were before the options existed."""
+    `merge_start` enters the key only where it applies (adapters on a plain-weight base), `compile` and
+    `compile_sampler` only when on (compiled kernels round differently), and the rollout engine only when it is not
+    `hf`: elsewhere they change nothing, and the keys of runs that use none stay what they were before the options
+    existed."""
     settings = plain(cfg[group])
     merge_start, compiled = settings.pop("merge_start", False), settings.pop("compile", False)
     compiled_sampler = settings.pop("compile_sampler", False)
@@ -85,7 +87,7 @@ def stage_spec(
         "policy_init": policy_init.key, "reference": reference.key, **({"rm": rm.key} if rm is not None else {}),
         group: settings, "data": plain(cfg.data), **update_spec(ref_update),
         **({"merged_start": True} if merged else {}), **({"compiled": True} if compiled else {}),
-        **({"compiled_sampler": True} if compiled_sampler else {}),
+        **({"compiled_sampler": True} if compiled_sampler else {}), **rollout_config(cfg).key(),
     }  # fmt: skip
     return spec, merged
 
@@ -122,16 +124,19 @@ def run_online(
         ctx.tracker.set_tags(
             run_id, {"ref": ref_name, "algo": group, "reference_key": reference.key, "policy_init": policy_init.key}
         )
-        fit_resumable(
-            partial(ctx.trainer, work, run_id, clip_norm=float(module.config.max_grad_norm)),
-            module,
-            work,
-            f"{group} {ref_name}",
-            module.config.iterations,
-            module.config.ckpt_every,
-            use_distributed_sampler=False,
-            log_every_n_steps=1,
-        )
+        try:
+            fit_resumable(
+                partial(ctx.trainer, work, run_id, clip_norm=float(module.config.max_grad_norm)),
+                module,
+                work,
+                f"{group} {ref_name}",
+                module.config.iterations,
+                module.config.ckpt_every,
+                use_distributed_sampler=False,
+                log_every_n_steps=1,
+            )
+        finally:
+            module.close_engine()  # a vLLM engine's memory goes back before the next stage, on a crash too
         actors.save_policy(work)
         tok.save_pretrained(str(work))
         final = module.last_stats
@@ -157,6 +162,6 @@ def run_ppo(ctx: Context, policy_init: Entry, reference: Entry, rm: Entry, ref_n
         if config.compile:
             compile_cache(ctx.cache.root / "compile")
             actors.compile()
-        return PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge, moving)
+        return PPOModule(actors, tok, ctx.data.prompts_train, config, ctx.data.judge, moving, rollout_config(cfg))
 
     return run_online(ctx, "ppo", make_module, policy_init, reference, rm, ref_name, ref_update=ref_update)
