@@ -138,12 +138,18 @@ def report(name: str, r: dict) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def sampling_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every sampling benchmark takes: batch sizes, lengths (PPO's defaults) and timed rounds."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--response-length", type=int, default=40)  # ppo.response_length
     parser.add_argument("--prompt-length", type=int, default=32)  # ppo.max_prompt_length
     parser.add_argument("--rounds", type=int, default=5)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = sampling_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=30)  # ppo.iterations, for the amortised verdict
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M at batch 8 (if installed)")
     parser.add_argument("--smoke", action="store_true", help="a one-layer toy model, batch 2, short responses")

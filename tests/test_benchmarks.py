@@ -105,3 +105,12 @@ def test_sampling_throughput_smoke(tmp_path):
     for side in ("eager", "compiled"):
         assert run[side]["seconds"] > 0 and run[side]["tokens_per_s"] > 0, side
     assert run["compile_s"] >= 0 and run["amortised"]["iterations"] == 30
+
+
+def test_ppo_update_profile_smoke(tmp_path):
+    from benchmarks.ppo_update_profile import group_of, main
+
+    assert group_of("aten::mm") == "matmul" and group_of("aten::gelu_backward") == "elementwise"
+    out = main(["--smoke", "--warmup", "1", "--json", str(tmp_path / "p.json")])
+    assert out["operator_calls"] > 0 and out["groups_s"]["matmul"] > 0
+    assert json.loads((tmp_path / "p.json").read_text())["top"][0][1] > 0  # the heaviest operator, in seconds

