@@ -108,3 +108,15 @@ def test_every_generated_word_is_in_the_vocabulary():
     words = {w for e in task.sft_examples(300) for w in (e.prompt + " " + e.response).split()}
     assert words <= vocab
     assert 150 < len(vocab) < 400
+
+
+def test_chat_pretraining_documents_leave_the_plain_ones_unchanged():
+    task = SyntheticTask(0)
+    plain, half, chat = (task.pretrain_documents(200, share) for share in (0.0, 0.5, 1.0))
+    assert all(d.startswith("<user> ") and " <assistant> " in d for d in chat)
+    changed = [h != p for h, p in zip(half, plain, strict=True)]
+    assert 60 < sum(changed) < 140  # about half are chat documents
+    assert all(h.startswith("<user> ") for h, c in zip(half, changed, strict=True) if c)
+    # a chat document is its plain twin's prompt and answer
+    prompt, answer = chat[0].removeprefix("<user> ").split(" <assistant> ")
+    assert plain[0] in (answer, f"{prompt} {answer}")

@@ -59,3 +59,13 @@ def test_long_prompts_lose_text_not_bos_or_template(template):
     assert cut[head : len(cut) - tail] == text_ids[-(10 - head - tail) :]  # the end of the text
     with pytest.raises(ValueError, match="no room for the text"):
         prompt_ids(tok, text, max_length=head + tail)
+
+
+def test_word_tokenizer_ids_stay_inside_the_vocabulary_when_texts_hold_chat_markers():
+    from salsa.models.hf import train_word_tokenizer
+
+    plain = train_word_tokenizer(["the fox is red .", "the rain falls ."])
+    chat = train_word_tokenizer(["<user> the fox is red . <assistant> the rain falls ."])
+    assert max(chat.get_vocab().values()) == len(chat) - 1 and chat.get_vocab() == plain.get_vocab()
+    ids = chat("<user> the fox <assistant> red", add_special_tokens=False)["input_ids"]
+    assert chat.convert_ids_to_tokens(ids) == ["<user>", "the", "fox", "<assistant>", "red"]

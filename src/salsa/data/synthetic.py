@@ -377,14 +377,17 @@ class SyntheticTask:
             out.append(Example(p, *self.sample_response(rng, p)))
         return out
 
-    def pretrain_documents(self, n: int) -> list[str]:
-        """Plain text without the chat format: prompts and runs of sentences, as a base model would read."""
-        rng = self._rng("pretrain")
+    def pretrain_documents(self, n: int, chat_share: float = 0.0) -> list[str]:
+        """Plain text: prompts and runs of sentences, as a base model would read. `chat_share` of them (drawn from
+        their own stream, so the plain documents stay the same) are instead a prompt and its answer in the chat format
+        the later stages use (`<user> prompt <assistant> answer`; the document's end token closes the answer)."""
+        rng, chat = self._rng("pretrain"), self._rng("pretrain/chat")
         docs = []
         for _ in range(n):
             p = self.sample_prompt(rng)
             text, _ = self.sample_response(rng, p)
-            docs.append(f"{p} {text}" if rng.random() < 0.3 else text)
+            plain = f"{p} {text}" if rng.random() < 0.3 else text
+            docs.append(f"<user> {p} <assistant> {text}" if chat_share and chat.random() < chat_share else plain)
         return docs
 
     def preference_pairs(self, n: int, split: str) -> list[Pair]:

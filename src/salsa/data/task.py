@@ -36,12 +36,15 @@ def synthetic_data(
     n_pairs_val: int = 500,
     n_prompts: int = 2000,
     n_eval_prompts: int = 200,
+    pretrain_chat: float = 0.0,
 ) -> TaskData:
+    """The embedded task (`salsa.data.synthetic`); `pretrain_chat` is the share of pretraining documents written as
+    a prompt and its answer in the chat format (`SyntheticTask.pretrain_documents`)."""
     task = SyntheticTask(seed, rater_temperature)
     sft = task.sft_examples(n_sft + n_sft_val)
     return TaskData(
         name="synthetic",
-        pretrain=task.pretrain_documents(n_pretrain),
+        pretrain=task.pretrain_documents(n_pretrain, pretrain_chat),
         sft_train=sft[:n_sft],
         sft_val=sft[n_sft:],
         pairs_train=task.preference_pairs(n_pairs, "train"),

@@ -32,7 +32,11 @@ def train_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer trained on the task's text, wrapped as a Hugging Face tokenizer with a chat template."""
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
+    # special tokens written in the text (chat-format documents) are already in the vocabulary: counted again as
+    # words, they would leave holes in the ids (ids past the vocabulary's size)
+    special = set(SPECIAL_TOKENS)
+    words = (" ".join(w for w in t.split() if w not in special) for t in texts)
+    tok.train_from_iterator(words, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

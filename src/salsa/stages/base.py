@@ -64,10 +64,17 @@ def run_base(ctx: Context) -> Entry:
         tok.save_pretrained(str(work))
         val_loss = heldout_loss(model, val, tok.pad_token_id)
         log.info("[base] held-out loss %.4f", val_loss)
-        return {
-            "metrics": {"val_loss": val_loss, "parameters": num_parameters(model), "vocab_size": len(tok)},
-            "format": "full",
-        }
+        metrics = {"val_loss": val_loss, "parameters": num_parameters(model), "vocab_size": len(tok)}
+        if cfg.data.name == "synthetic":  # does the base read its prompt? (the asked nouns are known here)
+            from salsa.data.synthetic import requested_nouns
+            from salsa.models.prompt_use import prompt_dependence
+
+            use = prompt_dependence(model.eval(), tok, data.sft_val, requested_nouns, cfg.sft.max_prompt_length)
+            log.info("[base] answer loss %.4f own prompt / %.4f mismatched; asked nouns %.3f / %.3f",
+                     use["answer_loss_own"], use["answer_loss_mismatched"], use["asked_noun_loss_own"],
+                     use["asked_noun_loss_mismatched"])  # fmt: skip
+            metrics.update(use)
+        return {"metrics": metrics, "format": "full"}
 
     return ctx.build("base", spec, build)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -149,13 +150,27 @@ def rm_settings(cfg) -> dict:
     return settings
 
 
-def heldout_pairs(ctx: Context, module: RewardModule, tok, work: Path, run_id: str | None) -> dict[str, float]:
-    """A reward model's held-out pair accuracy, agreement with the gold reward (where known) and loss."""
+def heldout_pairs(
+    ctx: Context, module: RewardModule, tok, work: Path, run_id: str | None, pairs: list | None = None
+) -> dict[str, float]:
+    """A reward model's held-out pair accuracy, agreement with the gold reward (where known) and loss, on `pairs`
+    (the task's held-out pairs by default)."""
     r = ctx.cfg.rm
-    val = PairDataset(tok, ctx.data.pairs_val, r.max_prompt_length, r.max_response_length)
+    val = PairDataset(tok, ctx.data.pairs_val if pairs is None else pairs, r.max_prompt_length, r.max_response_length)
     loader = DataLoader(val, batch_size=r.val_batch_size, collate_fn=partial(pair_batch, pad_id=tok.pad_token_id))
     metrics = ctx.trainer(work, run_id, logger=False).validate(module, loader, verbose=False)[0]
     return {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
+
+
+def shuffled_prompt_accuracy(ctx: Context, module: RewardModule, tok, work: Path, run_id: str | None) -> float:
+    """Held-out pair accuracy when each pair is scored after another pair's prompt (`mismatched`): as high as with
+    the own prompts for a reward model that judges answers without reading the question."""
+    from salsa.models.prompt_use import mismatched
+
+    pairs = ctx.data.pairs_val
+    prompts = mismatched([p.prompt for p in pairs], seed=0)
+    shuffled = [dataclasses.replace(p, prompt=q) for p, q in zip(pairs, prompts, strict=True)]
+    return heldout_pairs(ctx, module, tok, work, run_id, shuffled)["accuracy"]
 
 
 OFFSET_WARNING = 3.0  # normalised held-out mean (in s.d.) past which `score_metrics` warns
@@ -234,12 +249,14 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> 
         )
         label = "rm" if role == "policy" else "judge rm"
         metrics = score_metrics(model, heldout_pairs(ctx, module, tok, work, run_id), bool(r.normalize), label)
+        metrics["accuracy_shuffled_prompts"] = shuffled_prompt_accuracy(ctx, module, tok, work, run_id)
         save_pretrained(adapter or model, work)  # a sharded model (trainer=fsdp2) gathered, and written by rank 0
         tok.save_pretrained(str(work))
         log.info(
-            "[%s] held-out pair accuracy %.3f, agreement with gold %s (%d training pairs)",
+            "[%s] held-out pair accuracy %.3f (%.3f with shuffled prompts), agreement with gold %s (%d training pairs)",
             label,
             metrics["accuracy"],
+            metrics["accuracy_shuffled_prompts"],
             metrics.get("gold_agreement"),
             len(pairs),
         )
