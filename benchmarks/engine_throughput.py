@@ -1,6 +1,7 @@
 """Rollout samplers side by side: `hf` (the training model samples; eager), `hf_compiled` (the same with
-`ppo.compile_sampler`) and `vllm` (`rollout.engine=vllm`: a vLLM engine in the same process, weights pushed before
-every rollout; where vLLM is installed), on the same prompts and lengths, in one process.
+`ppo.compile_sampler`), `hf_merged` on CUDA (`rollout.engine=hf_merged`: a bf16 merged copy samples) and `vllm`
+(`rollout.engine=vllm`: a vLLM engine in the same process, weights pushed before every rollout; where vLLM is
+installed), on the same prompts and lengths, in one process, on the GPU when there is one (`--device`).
 
 Generation only: one rollout's sampling (for vllm: the weight push included), medians over `--rounds` alternating
 rounds after a first call each. Whole PPO iteration: the pipeline's PPO module (`salsa.algorithms.ppo`) on full
@@ -55,20 +56,31 @@ def sized(arch: dict):
     return model, tok, prompts
 
 
-def sides() -> list[str]:
-    """`hf` eager, `hf` with the compiled sampler, and `vllm` where it is installed."""
+def sides(device: str = "cpu") -> list[str]:
+    """`hf` eager, `hf` with the compiled sampler, `hf_merged` on CUDA (a bf16 copy samples; on a CPU it is a float32
+    copy of a full-weight model, nothing to measure), and `vllm` where it is installed."""
     from salsa.models.engines import vllm_available
 
-    return ["hf", "hf_compiled", *(["vllm"] if vllm_available() else [])]
+    merged = ["hf_merged"] if device == "cuda" else []
+    return ["hf", "hf_compiled", *merged, *(["vllm"] if vllm_available() else [])]
 
 
 def make_engine(side: str, model, args):
     from salsa.config import RolloutConfig
-    from salsa.models.engines import HFEngine, VLLMEngine
+    from salsa.models.engines import HFEngine, MergedHFEngine, VLLMEngine
 
     if side == "vllm":
         return VLLMEngine(model, RolloutConfig(engine="vllm"), args.prompt_length + args.response_length)
+    if side == "hf_merged":
+        return MergedHFEngine(model)
     return HFEngine(compiled=side == "hf_compiled")
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def generation(model, tok, prompts: list[str], batch: int, args) -> dict:
@@ -76,14 +88,16 @@ def generation(model, tok, prompts: list[str], batch: int, args) -> dict:
 
     from salsa.models.generation import encode_prompts
 
-    query, mask = encode_prompts(tok, (prompts * batch)[:batch], args.prompt_length)
-    engines = {side: make_engine(side, model, args) for side in sides()}
+    query, mask = encode_prompts(tok, (prompts * batch)[:batch], args.prompt_length, args.device)
+    engines = {side: make_engine(side, model, args) for side in sides(args.device)}
 
     def call(name):
         torch.manual_seed(1)
+        synchronize()
         started = time.perf_counter()
-        engines[name].sync(model)  # hf: nothing; vllm: the weight push every rollout pays
+        engines[name].sync(model)  # hf: nothing; hf_merged, vllm: the weight push every rollout pays
         s = engines[name].sample(tok, query, mask, args.response_length)
+        synchronize()
         return time.perf_counter() - started, int(s.response_mask.sum()), s.response.size(1)
 
     first = {name: call(name)[0] for name in engines}  # the compiled sampler compiles here
@@ -123,26 +137,29 @@ def iteration(model, tok, prompts: list[str], batch: int, side: str, args) -> di
     scalar = LlamaForSequenceClassification if model.config.model_type == "llama" else GemmaForSequenceClassification
     config = copy.deepcopy(model.config)
     config.num_labels = 1
-    value, reward = scalar(config), scalar(config)
+    value, reward = scalar(config).to(args.device), scalar(config).to(args.device)
     reward.load_state_dict(value.state_dict())
     actors = FullActors(copy.deepcopy(model).train(), value, copy.deepcopy(model), reward)
     ppo = PPOConfig(batch_size=batch, iterations=args.iterations, response_length=args.response_length,
                     max_prompt_length=args.prompt_length, compile_sampler=side == "hf_compiled")  # fmt: skip
-    engine = "vllm" if side == "vllm" else "hf"
+    engine = side if side in ("vllm", "hf_merged") else "hf"
     module = PPOModule(actors, tok, prompts, ppo, rollout=RolloutConfig(engine=engine))
     times: list[float] = []
 
     class Clock(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
+            synchronize()
             self.started = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, pl_module):
+            synchronize()
             times.append(time.perf_counter() - self.started)
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
-            max_epochs=args.iterations, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()], default_root_dir=tmp,
+            max_epochs=args.iterations, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[Clock()], default_root_dir=tmp,
         )  # fmt: skip
         trainer.fit(module)
     module.close_engine()
@@ -169,7 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (if installed); PPO at batch 8")
     parser.add_argument("--smoke", action="store_true", help="a one-layer toy model, batch 2, short responses")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when there is one")
     args = parser.parse_args(argv)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     from omegaconf import OmegaConf
 
@@ -189,12 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name}: {SMOLLM2[0]} is not installed; skipped")
                 continue
             model, tok, prompts = got
+            model = model.to(args.device)
             rows = []
             for b in args.batches:
                 g = generation(model, tok, prompts, b, args)
                 its = {}
                 if not args.no_iterations and (name != "smollm2" or b == 8):
-                    its = {side: iteration(model, tok, prompts, b, side, args) for side in sides()}
+                    its = {side: iteration(model, tok, prompts, b, side, args) for side in sides(args.device)}
                 report(name, g, its)
                 rows.append({"generation": g, "iteration": its})
             results["runs"][name] = rows
