@@ -225,15 +225,16 @@ def long_prompt_rows(n: int, words: int, answer_words: int = 0) -> list[dict]:
 
 
 def adapter_view(
-    ckpt: Path, quant: str, names: list[str], scale: float, seed: int = 0, active: list[str] | None = None
-):
+    ckpt: Path, quant: str, names: list[str], scale: float, seed: int = 0, active: list[str] | None = None,
+    device: str = "cpu",
+):  # fmt: skip
     """A shared base (`quant`: none | nf4) from `ckpt` holding one fresh adapter per name, each with B drawn from
     N(0, scale²) so it changes the model; returns (shared base, the causal view with `active` (default: all) on)."""
     from salsa.models.qlora import BaseSettings
     from salsa.models.shared_base import SharedBase
 
     settings = BaseSettings(name_or_path=str(ckpt), quant=quant, gradient_checkpointing=False)
-    shared = SharedBase.load(settings, "cpu")
+    shared = SharedBase.load(settings, device)
     torch.manual_seed(seed)
     for name in names:
         shared.new_adapter(name, settings.lora)
