@@ -278,15 +278,19 @@ VLLM_INSTALL = (
 )
 
 
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 def check_rollout(cfg: DictConfig) -> None:
     """`rollout.engine=vllm`: vLLM importable here, and one process per run (each data-parallel process would start
     its own engine; not supported yet)."""
     rollout = cfg.get("rollout") or {}
     if rollout.get("engine", "hf") != "vllm":
         return
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
+    if not vllm_installed():
         raise ConfigError("rollout.engine", VLLM_INSTALL)
     if (world_size(cfg.trainer) or 2) > 1 or strategy_name(cfg.trainer) == "fsdp2":
         raise ConfigError(

@@ -18,7 +18,7 @@ import torch
 
 from salsa.algorithms.ppo import _OneBatch, clipped_step, iteration_prompts, minibatches
 from salsa.algorithms.reference import MovingReference, keep_trainable
-from salsa.algorithms.rollout import EngineRollouts, rollout_settings
+from salsa.algorithms.rollout import EngineRollouts
 from salsa.config import GroupConfig, RolloutConfig
 from salsa.data.task import judge_answers
 from salsa.data.tokens import report_long_prompts
@@ -41,7 +41,7 @@ class GroupModule(EngineRollouts, pl.LightningModule):
         super().__init__()
         config.check(self.name)  # also when built outside the pipeline (benchmarks, tests)
         self.actors, self.tokenizer, self.prompts, self.config, self.judge = actors, tokenizer, prompts, config, judge
-        self.rollout_settings = rollout_settings(rollout)  # rollout.engine: what samples
+        self.rollout_settings = rollout or RolloutConfig()  # rollout.engine: what samples
         self.moving = moving if moving is not None and moving.moving else None  # ref.update: ema | sync
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights
@@ -145,9 +145,6 @@ class GroupModule(EngineRollouts, pl.LightningModule):
         report_long_prompts(
             self.tokenizer, self.prompts, self.config.max_prompt_length, f"{self.name}.max_prompt_length"
         )
-
-    def on_fit_end(self) -> None:
-        self.close_engine()
 
     def configure_model(self) -> None:
         """trainer=fsdp2: shard the models over the data-parallel processes (`salsa.models.sharding`); nothing

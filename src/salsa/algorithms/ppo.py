@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from salsa.algorithms.reference import MovingReference, keep_trainable
-from salsa.algorithms.rollout import EngineRollouts, rollout_settings
+from salsa.algorithms.rollout import EngineRollouts
 from salsa.config import PPOConfig, RolloutConfig
 from salsa.data.task import judge_answers
 from salsa.data.tokens import report_long_prompts
@@ -96,7 +96,7 @@ class PPOModule(EngineRollouts, pl.LightningModule):
                 f"ppo.num_minibatches ({config.num_minibatches})"
             )
         self.actors, self.tokenizer, self.prompts, self.config, self.judge = actors, tokenizer, prompts, config, judge
-        self.rollout_settings = rollout_settings(rollout)  # rollout.engine: what samples
+        self.rollout_settings = rollout or RolloutConfig()  # rollout.engine: what samples
         self.moving = moving if moving is not None and moving.moving else None  # ref.update: ema | sync
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
         self.automatic_optimization = False
@@ -208,9 +208,6 @@ class PPOModule(EngineRollouts, pl.LightningModule):
 
     def on_fit_start(self) -> None:
         report_long_prompts(self.tokenizer, self.prompts, self.config.max_prompt_length, "ppo.max_prompt_length")
-
-    def on_fit_end(self) -> None:
-        self.close_engine()
 
     def configure_model(self) -> None:
         """trainer=fsdp2: shard the models over the data-parallel processes (`salsa.models.sharding`); nothing

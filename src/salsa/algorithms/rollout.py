@@ -13,7 +13,6 @@ import dataclasses
 
 import torch
 
-from salsa.config import RolloutConfig
 from salsa.functional import masked_mean, truncated_is_weights
 from salsa.models.actors import scored_logprobs
 from salsa.models.engines import make_engine
@@ -39,6 +38,9 @@ class EngineRollouts:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+
+    def on_fit_end(self) -> None:  # Lightning's hook; the pipeline also closes it when a fit fails
+        self.close_engine()
 
     def draw(self, query: torch.Tensor, query_mask: torch.Tensor) -> tuple[Samples, dict, torch.Tensor | None]:
         """The rollout's samples with the training model's log-probs, the engine's statistics (prefixed by the
@@ -66,7 +68,3 @@ class EngineRollouts:
             weights = truncated_is_weights(trainer_logp, s.logprobs, cap) * mask
             stats["is_weight"] = masked_mean(weights, mask)
         return dataclasses.replace(s, logprobs=trainer_logp), stats, weights
-
-
-def rollout_settings(rollout: RolloutConfig | None) -> RolloutConfig:
-    return rollout if rollout is not None else RolloutConfig()

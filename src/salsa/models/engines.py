@@ -7,10 +7,10 @@ One interface, three implementations:
 
 `hf` samples with the training model itself (`salsa.models.generation.sample`): its log-probs are the training
 model's own, so PPO's ratio is exact as drawn. `hf_merged` samples with a plain copy of it (adapters merged, 4-bit
-weights dequantised; bfloat16 on CUDA). `vllm` samples with a vLLM engine colocated in this process: weights
+weights dequantised). `vllm` samples with a vLLM engine colocated in this process: weights
 are pushed into it before every rollout (`push_weights`), and its log-probs are its own arithmetic's (paged
 attention, other kernels), so the algorithms recompute the behaviour log-probs with the training model
-(`exact_logprobs` is False) and log the gap between the two.
+(`exact_logprobs` is False) and log the gap between the two. Both sample in bfloat16 on CUDA, float32 on CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from torch import nn
 
 from salsa.errors import SalsaError
 from salsa.models.generation import Samples, response_mask, sample
+from salsa.models.qlora import compute_dtype
 from salsa.validate import VLLM_INSTALL as _VLLM_INSTALL
+from salsa.validate import vllm_installed as vllm_available
 
 log = logging.getLogger("salsa")
 VLLM_INSTALL = "rollout.engine=" + _VLLM_INSTALL
@@ -37,12 +39,6 @@ VLLM_INSTALL = "rollout.engine=" + _VLLM_INSTALL
 
 class EngineError(SalsaError, RuntimeError):
     """A rollout engine that cannot run here, or a weight push that did not take."""
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,17 +73,17 @@ def effective_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Ite
 
     lm, active = _view_parts(model)
     tuner = peft().tuners.tuners_utils.BaseTunerLayer
-    done: set[str] = set()
+    inside: set[int] = set()  # the modules of adapted layers, which are emitted whole
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     for name, module in lm.named_modules():
-        if any(name.startswith(d + ".") for d in done):
-            continue  # inside a layer already emitted whole
+        if id(module) in inside:
+            continue
         prefix = f"{name}." if name else ""
         if isinstance(module, tuner):
-            done.add(name)
+            inside.update(id(m) for m in module.modules())
             base = module.get_base_layer()
             weight = _dequantized(base.weight).float()
             names = active if active is not None else tuple(module.active_adapters)
@@ -158,7 +154,7 @@ class MergedHFEngine(HFEngine):
 
         lm, _ = _view_parts(model)
         device = next(lm.parameters()).device
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.dtype = compute_dtype(device)
         config = AutoConfig.for_model(**engine_config(model))
         with preserved_rng(device.type == "cuda"), torch.device(device):  # random init: nothing later changes
             self.copy = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval().requires_grad_(False)
@@ -243,7 +239,8 @@ def preserved_rng(cuda: bool) -> Iterator[None]:
 
 class VLLMEngine:
     """A vLLM engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so pushed weights are passed by reference,
-    never pickled. Built from the model's architecture with dummy weights; the first `sync` gives it the real ones.
+    never pickled. Built from the model's architecture with dummy weights; the first `sync` gives it the real ones,
+    in bfloat16 on CUDA and float32 on CPU (`compute_dtype`, as the merged copy of `MergedHFEngine`).
     On CUDA it takes `gpu_memory_utilization` of the device and, with `sleep`, hands its memory back between
     rollouts (vLLM's sleep mode); on CPU its KV cache is `kv_cache_gib` of RAM."""
 
@@ -265,7 +262,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the process's threads with torch
         from vllm import LLM
 
-        self.dtype = self._dtype(model)
+        self.dtype = compute_dtype(device)  # bf16 on CUDA, float32 on CPU, as the merged copy
         self._dir = tempfile.TemporaryDirectory(prefix="salsa-vllm-")
         Path(self._dir.name, "config.json").write_text(json.dumps(engine_config(model), default=str))
         eager = settings.enforce_eager if settings.enforce_eager is not None else not self.cuda
@@ -286,26 +283,13 @@ class VLLMEngine:
         self.asleep = False
         self.synced: nn.Module | None = None
 
-    @staticmethod
-    def _dtype(model: nn.Module) -> torch.dtype:
-        """The engine's weights: the training model's compute dtype (4-bit bases compute in their compute dtype)."""
-        lm, _ = _view_parts(model)
-        config_dtype = getattr(lm.config, "dtype", None) or getattr(lm.config, "torch_dtype", None)
-        dtypes = {p.dtype for p in lm.parameters() if p.is_floating_point()}
-        quant = getattr(lm.config, "quantization_config", None)
-        if quant is not None:
-            compute = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else None
-            compute = getattr(quant, "bnb_4bit_compute_dtype", compute)
-            if compute is not None:
-                return getattr(torch, str(compute).removeprefix("torch.")) if isinstance(compute, str) else compute
-        if torch.float32 in dtypes:
-            return torch.float32
-        return next(iter(dtypes)) if dtypes else (config_dtype or torch.float32)
-
-    def sync(self, model: nn.Module) -> None:
+    def _awake(self) -> None:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+    def sync(self, model: nn.Module) -> None:
+        self._awake()
         push_weights(self.llm, effective_weights(model, self.dtype))
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
         self.synced = model
@@ -317,9 +301,7 @@ class VLLMEngine:
 
         if self.synced is None:
             raise EngineError("sync(model) before sampling")
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+        self._awake()  # evaluation samples several batches after one sync
         prompts = [TokensPrompt(prompt_token_ids=q[m.bool()].tolist()) for q, m in zip(query, query_mask, strict=True)]
         # a function of the caller's torch seed (PPO seeds each iteration), different for every row
         base = int(torch.randint(0, 2**31 - 1, (1,)).item())

@@ -432,6 +432,18 @@ def estimate_full_sampling(shapes: Shapes, parameters: int, batch: int, prompt: 
     return parameters * FP32 + sampling_work_bytes(shapes, batch, prompt, new, FP32)
 
 
+def merged_sampler(cfg: Any) -> bool:
+    """Whether a bf16 copy of the policy samples (`rollout=hf_merged`): held beside the models for the run, and by
+    evaluation and export too."""
+    return (cfg.get("rollout") or {}).get("engine") == "hf_merged"
+
+
+def sampling_copy_line(parts: dict[str, Any]) -> list[str]:
+    """The report's line for the merged sampler's copy, where there is one."""
+    copy = parts.get("sampling_copy", 0)
+    return [f"  sampling copy         {copy / GIB:6.2f} GiB  (rollout=hf_merged: the policy merged, bf16)"] * bool(copy)
+
+
 def loads_judge_model(judge: str, data: str) -> bool:
     """Whether evaluation loads a held-out judge reward model (`salsa.stages.rm.judge_kind`): `heldout_rm`, or
     `auto` on data without a gold reward (every task but the embedded synthetic one)."""
@@ -444,8 +456,8 @@ def estimate_full_from_cfg(cfg: Any, shapes: Shapes, sizes: dict[str, int]) -> d
     an SFT ingredient's held-out loss, computed after Lightning moved the trained model back to the CPU."""
     s, e = cfg.sft, cfg.eval
     parts = estimate_full(shapes, **sizes)
-    copy = shapes.parameters * BF16 if (cfg.get("rollout") or {}).get("engine") == "hf_merged" else 0
-    parts["sampling_copy"] = copy  # rollout=hf_merged: a bf16 copy of the policy samples (on CUDA)
+    copy = shapes.parameters * BF16 if merged_sampler(cfg) else 0
+    parts["sampling_copy"] = copy
     parts["peak"] += copy
     parts["sft_peak"] = estimate_full_supervised(
         shapes, s.batch_size, s.max_prompt_length + s.max_response_length, lm_head=True
@@ -502,7 +514,7 @@ def estimate_from_cfg(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         len(cfg.ref.ingredients),
         checkpointing=bool(m.get("gradient_checkpointing", True)),
         merged_start=m.get("quant", "none") == "none" and bool(m.get("name_or_path")) and p.get("merge_start", True),
-        sampling_copy=(cfg.get("rollout") or {}).get("engine") == "hf_merged",
+        sampling_copy=merged_sampler(cfg),
         **sizes,
     )
     quant, ckpt = m.get("quant", "none"), bool(m.get("gradient_checkpointing", True))
@@ -573,11 +585,7 @@ def full_report(parts: dict[str, Any], info: dict[str, Any]) -> str:
         f"  activations (train)   {gib['activations_train']:6.2f} GiB  (policy and value forwards, no checkpointing; "
         "their bf16 weight copies)",
         f"  rollout (KV + logits) {gib['rollout']:6.2f} GiB",
-        *(
-            [f"  sampling copy         {gib['sampling_copy']:6.2f} GiB  (rollout=hf_merged: the policy merged, bf16)"]
-            if parts.get("sampling_copy")
-            else []
-        ),  # fmt: skip
+        *sampling_copy_line(parts),
         f"  optimizer step        {gib['optimizer_step']:6.2f} GiB  (foreach AdamW's temporary, after backward)",
         f"  PPO peak              {gib['peak']:6.2f} GiB",
         f"  SFT peak              {gib['sft_peak']:6.2f} GiB  (sft.batch_size sequences of the SFT lengths)",
@@ -612,11 +620,7 @@ def qlora_report(parts: dict[str, Any], info: dict[str, Any]) -> str:
         f"  grads + optimizer     {gib['grads_and_optimizer']:6.2f} GiB",
         f"  activations (train)   {gib['activations_train']:6.2f} GiB",
         f"  rollout (KV + logits) {gib['rollout']:6.2f} GiB",
-        *(
-            [f"  sampling copy         {gib['sampling_copy']:6.2f} GiB  (rollout=hf_merged: the policy merged, bf16)"]
-            if parts.get("sampling_copy")
-            else []
-        ),  # fmt: skip
+        *sampling_copy_line(parts),
         f"  PPO peak              {gib['peak']:6.2f} GiB",
         f"  SFT peak              {gib['sft_peak']:6.2f} GiB  (sft.batch_size sequences of the SFT lengths)",
         f"  SFT held-out loss     {gib['sft_heldout']:6.2f} GiB  (logits of the target positions, in budgets)",
