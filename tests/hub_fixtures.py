@@ -224,6 +224,18 @@ def long_prompt_rows(n: int, words: int, answer_words: int = 0) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def peaked(model, eos_id: int, layer_scale: float, eos_scale: float):
+    """`model` (a tiny Gemma, tied head) made to give greedy answers that vary and sometimes end: at initialisation
+    the residual stream echoes the last prompt token, so the layers' weights are scaled up, and the end token's
+    embedding (tied to the LM head) too."""
+    for p in model.model.layers.parameters():
+        if p.dim() == 2:
+            p.mul_(layer_scale)
+    model.get_input_embeddings().weight[eos_id] *= eos_scale
+    return model.eval()
+
+
 def adapter_view(
     ckpt: Path, quant: str, names: list[str], scale: float, seed: int = 0, active: list[str] | None = None,
     device: str = "cpu",

@@ -15,6 +15,7 @@ from salsa.models.hf import (
     train_word_tokenizer,
 )
 from salsa.models.sampler import bucket_prompts, cache_length
+from tests.hub_fixtures import peaked
 
 
 def _tiny_model(tok):
@@ -135,15 +136,7 @@ def test_row_chunks_hand_case():
 
 
 def _peaked_tiny(tok):
-    """A tiny Gemma whose greedy answers vary and sometimes end: at initialisation the residual stream echoes the last
-    prompt token, so the layers' weights are scaled up, and the end token's embedding (tied to the LM head) too."""
-    model = _tiny_model(tok)
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            if p.dim() == 2:
-                p.mul_(10.0)
-        model.get_input_embeddings().weight[tok.eos_token_id] *= 4.0
-    return model.eval()
+    return peaked(_tiny_model(tok), tok.eos_token_id, layer_scale=10.0, eos_scale=4.0)
 
 
 def test_bucket_prompts_pads_on_the_left():

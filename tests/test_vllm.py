@@ -19,7 +19,7 @@ from salsa.models.generation import encode_prompts, sample
 from salsa.models.hf import load_tokenizer
 from salsa.pipeline import run
 from tests.conftest import make_cfg, with_upstream
-from tests.hub_fixtures import adapter_view, tiny_checkpoint
+from tests.hub_fixtures import adapter_view, peaked, tiny_checkpoint
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (CI runs these in its vLLM environment)")
 pytestmark = pytest.mark.vllm
@@ -28,16 +28,10 @@ PROMPTS = ["how do i bake bread", "write a poem about the sea", "explain why the
 
 
 def _peaked(path):
-    """A tiny Gemma (tied head) whose greedy answers vary and sometimes end: layers scaled up, end token boosted."""
+    """A tiny Gemma checkpoint (tied head, heads of 32 for vLLM's CPU attention), `peaked`."""
     ckpt = tiny_checkpoint(path)
-    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     tok = load_tokenizer(ckpt)
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-        model.get_input_embeddings().weight[tok.eos_token_id] *= 3.0
-    return model, tok
+    return peaked(AutoModelForCausalLM.from_pretrained(ckpt), tok.eos_token_id, layer_scale=8.0, eos_scale=3.0), tok
 
 
 def _engine(model, **settings) -> VLLMEngine:
