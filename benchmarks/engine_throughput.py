@@ -26,10 +26,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import bare_trainer, sync  # noqa: E402
 from benchmarks.sampling_throughput import (  # noqa: E402
     ROOT,
     SMOLLM2,
     machine,
+    random_actors,
     sampling_arguments,
     smollm2_model,
     tiny_model,
@@ -76,13 +78,6 @@ def make_engine(side: str, model, args):
     return HFEngine(compiled=side == "hf_compiled")
 
 
-def synchronize() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def generation(model, tok, prompts: list[str], batch: int, args) -> dict:
     import torch
 
@@ -93,11 +88,11 @@ def generation(model, tok, prompts: list[str], batch: int, args) -> dict:
 
     def call(name):
         torch.manual_seed(1)
-        synchronize()
+        sync()
         started = time.perf_counter()
         engines[name].sync(model)  # hf: nothing; hf_merged, vllm: the weight push every rollout pays
         s = engines[name].sample(tok, query, mask, args.response_length)
-        synchronize()
+        sync()
         return time.perf_counter() - started, int(s.response_mask.sum()), s.response.size(1)
 
     first = {name: call(name)[0] for name in engines}  # the compiled sampler compiles here
@@ -123,45 +118,28 @@ def generation(model, tok, prompts: list[str], batch: int, args) -> dict:
 def iteration(model, tok, prompts: list[str], batch: int, side: str, args) -> dict:
     """Seconds per PPO iteration (the default PPO settings at this batch) with `side`'s sampler: median over the
     iterations after the first (which starts an engine or compiles the sampler)."""
-    import copy
-
     import pytorch_lightning as pl
-    import torch
-    from transformers import GemmaForSequenceClassification, LlamaForSequenceClassification
 
     from salsa.algorithms.ppo import PPOModule
     from salsa.config import PPOConfig, RolloutConfig
-    from salsa.models.actors import FullActors
 
-    torch.manual_seed(0)
-    scalar = LlamaForSequenceClassification if model.config.model_type == "llama" else GemmaForSequenceClassification
-    config = copy.deepcopy(model.config)
-    config.num_labels = 1
-    value, reward = scalar(config).to(args.device), scalar(config).to(args.device)
-    reward.load_state_dict(value.state_dict())
-    actors = FullActors(copy.deepcopy(model).train(), value, copy.deepcopy(model), reward)
     ppo = PPOConfig(batch_size=batch, iterations=args.iterations, response_length=args.response_length,
                     max_prompt_length=args.prompt_length, compile_sampler=side == "hf_compiled")  # fmt: skip
     engine = side if side in ("vllm", "hf_merged") else "hf"
-    module = PPOModule(actors, tok, prompts, ppo, rollout=RolloutConfig(engine=engine))
+    module = PPOModule(random_actors(model), tok, prompts, ppo, rollout=RolloutConfig(engine=engine))
     times: list[float] = []
 
     class Clock(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
-            synchronize()
+            sync()
             self.started = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, pl_module):
-            synchronize()
+            sync()
             times.append(time.perf_counter() - self.started)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(
-            max_epochs=args.iterations, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[Clock()], default_root_dir=tmp,
-        )  # fmt: skip
-        trainer.fit(module)
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    bare_trainer(args.iterations, accelerator=accelerator, callbacks=[Clock()]).fit(module)
     module.close_engine()
     return {"batch": batch, "side": side, "seconds": statistics.median(times[1:]), "first_s": times[0]}
 

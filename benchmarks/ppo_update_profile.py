@@ -14,65 +14,29 @@ but less arithmetic moves the matmuls.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.sampling_throughput import ROOT, machine, tiny_model  # noqa: E402
+from benchmarks._common import bare_trainer  # noqa: E402
+from benchmarks.sampling_throughput import ROOT, machine, random_actors, tiny_model  # noqa: E402
 
 GROUPS = {  # operator name fragments, first match wins
     "matmul": ("mm", "addmm", "bmm", "matmul", "linear"),
     "attention": ("scaled_dot_product", "attention"),
     "softmax": ("softmax", "log_softmax", "logsumexp"),
     "optimizer": ("foreach", "adam", "clip_grad", "norm"),
-    "copies and indexing": (
-        "copy",
-        "index",
-        "gather",
-        "scatter",
-        "cat",
-        "stack",
-        "to",
-        "clone",
-        "contiguous",
-        "select",
-        "slice",
-        "view",
-        "reshape",
-        "expand",
-        "transpose",
-        "permute",
-        "empty",
-        "zeros",
-        "fill",
-        "embedding",
-    ),  # fmt: skip
-    "elementwise": (
-        "mul",
-        "add",
-        "sub",
-        "div",
-        "exp",
-        "pow",
-        "rsqrt",
-        "tanh",
-        "gelu",
-        "neg",
-        "clamp",
-        "where",
-        "maximum",
-        "minimum",
-        "mean",
-        "sum",
-        "sqrt",
-        "sigmoid",
-    ),  # fmt: skip
+    "copies and indexing": tuple(
+        "copy index gather scatter cat stack to clone contiguous select slice view reshape expand transpose "
+        "permute empty zeros fill embedding".split()
+    ),
+    "elementwise": tuple(
+        "mul add sub div exp pow rsqrt tanh gelu neg clamp where maximum minimum mean sum sqrt sigmoid".split()
+    ),
 }
 
 
@@ -85,26 +49,17 @@ def group_of(name: str) -> str:
 
 
 def build(args):
-    import torch
     from omegaconf import OmegaConf
-    from transformers import GemmaForSequenceClassification
 
     from salsa.algorithms.ppo import PPOModule
     from salsa.config import PPOConfig
-    from salsa.models.actors import FullActors
 
     arch = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny.yaml").arch)
     if args.smoke:
         arch.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=32)
     model, tok, prompts = tiny_model(arch)
-    config = copy.deepcopy(model.config)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    value = GemmaForSequenceClassification(config)
-    reward = copy.deepcopy(value)
-    actors = FullActors(copy.deepcopy(model).train(), value, copy.deepcopy(model), reward)
     ppo = PPOConfig(**({"batch_size": 8, "response_length": 8} if args.smoke else {}), iterations=args.warmup + 1)
-    return PPOModule(actors, tok, prompts, ppo)
+    return PPOModule(random_actors(model), tok, prompts, ppo)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,7 +69,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    import pytorch_lightning as pl
     from torch.profiler import ProfilerActivity, profile
 
     module = build(args)
@@ -132,12 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     module.update = update
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(
-            max_epochs=args.warmup + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
-        )  # fmt: skip
-        trainer.fit(module)
+    bare_trainer(args.warmup + 1, accelerator="cpu").fit(module)
     groups: dict[str, float] = {}
     calls = 0
     for name, seconds, count in record["events"]:

@@ -83,6 +83,23 @@ def smollm2_model(workdir: Path):
     return load_causal_lm(workdir).eval(), load_tokenizer(workdir), data.prompts_train
 
 
+def random_actors(model):
+    """PPO's four models at `model`'s size, as a fresh pipeline's PPO starts them: policy and reference copies of
+    `model`, value and reward one random scalar-head model of its architecture, on its device."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from salsa.models.actors import FullActors
+
+    config = copy.deepcopy(model.config)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    value = AutoModelForSequenceClassification.from_config(config).to(next(model.parameters()).device)
+    return FullActors(copy.deepcopy(model).train(), value, copy.deepcopy(model), copy.deepcopy(value))
+
+
 def timed_call(fn) -> tuple[float, float, object]:
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
