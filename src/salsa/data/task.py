@@ -29,14 +29,14 @@ class TaskData:
 def synthetic_data(
     seed: int = 0,
     rater_temperature: float = 1.0,
-    n_pretrain: int = 8000,
+    n_pretrain: int = 24000,
     n_sft: int = 4000,
     n_sft_val: int = 400,
     n_pairs: int = 3000,
     n_pairs_val: int = 500,
     n_prompts: int = 2000,
     n_eval_prompts: int = 200,
-    pretrain_chat: float = 0.0,
+    pretrain_chat: float = 1.0,
 ) -> TaskData:
     """The embedded task (`salsa.data.synthetic`); `pretrain_chat` is the share of pretraining documents written as
     a prompt and its answer in the chat format (`SyntheticTask.pretrain_documents`)."""

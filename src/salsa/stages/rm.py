@@ -257,7 +257,7 @@ def run_rm(ctx: Context, base: Entry, role: str = "policy", member: int = 0) -> 
             label,
             metrics["accuracy"],
             metrics["accuracy_shuffled_prompts"],
-            metrics.get("gold_agreement"),
+            "n/a" if metrics.get("gold_agreement") is None else f"{metrics['gold_agreement']:.3f}",
             len(pairs),
         )
         return {
