@@ -34,6 +34,11 @@ def test_grid_varies_one_axis_at_a_time_around_the_default():
         ("base", 1000, 1, None), ("base", 3000, 1, None), ("base", 3000, 2, None), ("base", 3000, 1, 3e-4),
         ("sft", 3000, 1, None),
     ]  # fmt: skip
+    # the points that do not vary the passes use the default's
+    assert grid(3000, [1000], [3e-4], [], ["base"], default_epochs=3) == [
+        ("base", 1000, 3, None),
+        ("base", 3000, 3, 3e-4),
+    ]
 
 
 def test_a_study_point_reproduces_the_rm_stage(upstream):
@@ -48,6 +53,7 @@ def test_a_study_point_reproduces_the_rm_stage(upstream):
     assert point.pairs == len(data.pairs_train)
     assert point.accuracy == pytest.approx(rm.manifest["metrics"]["accuracy"], abs=1e-6)
     assert point.gold_agreement == pytest.approx(rm.manifest["metrics"]["gold_agreement"], abs=1e-6)
+    assert point.accuracy_shuffled == pytest.approx(rm.manifest["metrics"]["accuracy_shuffled_prompts"], abs=1e-6)
 
 
 def test_a_linear_judge_of_the_gold_features_recovers_noise_free_labels():
@@ -69,14 +75,17 @@ def test_a_study_reads_back_what_it_wrote_including_older_csvs(tmp_path):
     from salsa.analysis.rm_curve import Point, read_points, write_report
 
     points = [
-        Point("base", 10, 3000, 1, 1e-3, 0, 94, 0.6, 0.58, 0.59, 80.0),
-        Point("base", 10, 3000, 1, 3e-4, 0, 94, 0.6, 0.61, 0.63, 90.0, "raters", "mean", 3e-3, "fresh"),
+        Point("base", 10, 3000, 1, 1e-3, 0, 94, 0.6, 0.58, 0.59, 80.0, accuracy_shuffled=0.55),
+        Point("base", 10, 3000, 1, 3e-4, 0, 94, 0.6, 0.61, 0.63, 90.0, "raters", "mean", 3e-3, "fresh", 0.6),
     ]
     write_report(points, 0.8, 0.8, tmp_path, ["python -m salsa.analysis.rm_curve --lrs ''"])
     again, commands = read_points(tmp_path)
     assert again == points and commands == ["python -m salsa.analysis.rm_curve --lrs ''"]
     table = (tmp_path / "rm_curve.md").read_text()
-    row = "| base | 10 | raters | mean | 3000 | 1 | 0.0003 | 0.003 | 0 | 94 | 0.600 | fresh | 0.610 | 0.630 | 90 |"
+    row = (
+        "| base | 10 | raters | mean | 3000 | 1 | 0.0003 | 0.003 | 0 | 94 | 0.600 | fresh | 0.610 | 0.600 | 0.630 "
+        "| 90 |"
+    )
     assert row in table
     assert "| base | 10 | raters | last | 3000 | 1 | 0.001 | – | 0 |" in table
     # a csv written before score, head_lr and heldout existed: those columns take their defaults
@@ -84,4 +93,4 @@ def test_a_study_reads_back_what_it_wrote_including_older_csvs(tmp_path):
     lines = csv_path.read_text().splitlines()
     csv_path.write_text("\n".join(",".join(row.split(",")[:12]) for row in lines[:2]) + "\n")
     (old,), _ = read_points(tmp_path)
-    assert (old.score, old.head_lr, old.heldout) == ("last", None, "val")
+    assert (old.score, old.head_lr, old.heldout) == ("last", None, "val") and math.isnan(old.accuracy_shuffled)

@@ -8,6 +8,10 @@ task's held-out pairs: accuracy against the noisy raters' labels and agreement w
 ceiling a perfect judge of the gold would reach against those labels.
 
     python -m salsa.analysis.rm_curve --start base=logs/cache/base/<key> --out results/rm
+
+writes `rm_curve.csv` (one row per reward model), `rm_curve.md` (the tables and the commands) and `rm_curve.png`
+(held-out accuracy and gold agreement against the number of training pairs); `--replot --out <dir>` draws the figure
+again from the `rm_curve.csv` already in `<dir>`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +35,7 @@ from torch.utils.data import DataLoader
 from salsa.config import CONF_DIR
 from salsa.data.synthetic import Pair, SyntheticTask
 from salsa.models.hf import load_reward_model, load_tokenizer, num_parameters
+from salsa.models.prompt_use import mismatched
 from salsa.stages.lm import planned_loader
 from salsa.stages.rm import PairDataset, RewardModule, pair_batch
 
@@ -54,6 +59,7 @@ class Point:
     score: str = "last"  # rm.score: the head at the last token, or averaged over the answer
     head_lr: float | None = None  # rm.head_lr (None: lr)
     heldout: str = "val"  # which held-out pairs: the task's validation pairs (500), or fresh ones never looked at
+    accuracy_shuffled: float = math.nan  # held-out accuracy with each pair scored after another pair's prompt
 
 
 def gold_labelled(pair: Pair) -> Pair:
@@ -119,9 +125,13 @@ def train_point(
     train_acc, _ = pair_accuracy(model, train, tok.pad_token_id)
     held = PairDataset(tok, val, hp.max_prompt_length, hp.max_response_length)
     acc, gold = pair_accuracy(model, held, tok.pad_token_id)
+    shuffled = [replace(p, prompt=q) for p, q in zip(val, mismatched([p.prompt for p in val]), strict=True)]
+    acc_shuffled, _ = pair_accuracy(
+        model, PairDataset(tok, shuffled, hp.max_prompt_length, hp.max_response_length), tok.pad_token_id
+    )
     return Point(
         start, num_parameters(model), len(pairs), int(hp.epochs), float(hp.lr), seed, steps, train_acc, acc, gold,
-        time.perf_counter() - t0, labels, score, None if head_lr is None else float(head_lr), heldout,
+        time.perf_counter() - t0, labels, score, None if head_lr is None else float(head_lr), heldout, acc_shuffled,
     )  # fmt: skip
 
 
@@ -172,18 +182,21 @@ def linear_baseline(train: list[Pair], val: list[Pair], extra: list[str], l2: fl
         return float(((x @ w) > 0).double().mean()), float(((xv @ w) > 0).double().mean())
 
 
-def grid(default_pairs: int, sizes: list[int], lrs: list[float], epochs: list[int], starts: list[str]):
+def grid(
+    default_pairs: int, sizes: list[int], lrs: list[float], epochs: list[int], starts: list[str],
+    default_epochs: int = 1,
+):  # fmt: skip
     """(start, pairs, epochs, lr) of every point: each axis varied alone around the default."""
     base = starts[0]
     seen = []
     for n in sizes:
-        seen.append((base, n, 1, None))
+        seen.append((base, n, default_epochs, None))
     for e in epochs:
         seen.append((base, default_pairs, e, None))
     for lr in lrs:
-        seen.append((base, default_pairs, 1, lr))
+        seen.append((base, default_pairs, default_epochs, lr))
     for s in starts[1:]:
-        seen.append((s, default_pairs, 1, None))
+        seen.append((s, default_pairs, default_epochs, None))
     return list(dict.fromkeys(seen))
 
 
@@ -235,17 +248,19 @@ def write_report(
         f"against the raters' labels; the raters themselves agree with the gold on {rater_gold:.3f} of them.",
         "",
         "Columns: `score` = `rm.score` (last token, or mean over the answer), `head lr` = `rm.head_lr` (– : `lr`),",
-        "`held-out` = the task's 500 validation pairs (`val`), or fresh pairs no setting was chosen on (`fresh`).",
+        "`held-out` = the task's 500 validation pairs (`val`), or fresh pairs no setting was chosen on (`fresh`);",
+        "`shuffled prompts` = held-out accuracy with each pair scored after another pair's prompt (a reward model",
+        "that judges answers without reading the question loses nothing there).",
         "",
         "| start | parameters | labels | score | pairs | epochs | lr | head lr | seed | steps | train acc. | held-out "
-        "| held-out acc. | gold agreement | s |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| held-out acc. | shuffled prompts | gold agreement | s |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for p in points:
         lines.append(
             f"| {p.start} | {p.parameters:,} | {p.labels} | {p.score} | {p.pairs} | {p.epochs} | {p.lr:g} | "
             f"{'–' if p.head_lr is None else f'{p.head_lr:g}'} | {p.seed} | {p.steps} | {p.train_accuracy:.3f} | "
-            f"{p.heldout} | {p.accuracy:.3f} | {p.gold_agreement:.3f} | {p.seconds:.0f} |"
+            f"{p.heldout} | {p.accuracy:.3f} | {p.accuracy_shuffled:.3f} | {p.gold_agreement:.3f} | {p.seconds:.0f} |"
         )
     if baselines:
         lines += [
@@ -258,11 +273,21 @@ def write_report(
             *(f"| {name} | {tr:.3f} | {va:.3f} |" for name, (tr, va) in baselines.items()),
         ]
     (out / "rm_curve.md").write_text("\n".join(lines) + "\n")
+    write_figure(points, out)
+
+
+def write_figure(points: list[Point], out: Path) -> Path:
+    """`rm_curve.png`: held-out accuracy and gold agreement against training pairs (`plots.rm_curve_figure`)."""
+    import pandas as pd
+
+    from salsa.analysis.plots import rm_curve_figure, save_png
+
+    return save_png(rm_curve_figure(pd.DataFrame([asdict(p) for p in points])), out / "rm_curve.png", dpi=100)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--start", action="append", required=True, metavar="NAME=PATH",
+    ap.add_argument("--start", action="append", metavar="NAME=PATH",
                     help="a start checkpoint (the first one is varied along every axis); repeat for more")  # fmt: skip
     ap.add_argument("--sizes", default="750,1500,3000,6000,12000,24000", help="training pairs")
     ap.add_argument("--epochs", default="2,4", help="passes over the default number of pairs")
@@ -282,8 +307,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fresh-pairs", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("results/rm"))
     ap.add_argument("--append", action="store_true", help="add the points to the study already in --out")
+    ap.add_argument("--replot", action="store_true", help="only draw rm_curve.png again, from --out's rm_curve.csv")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
+    if args.replot:
+        points, _ = read_points(args.out)
+        if not points:
+            ap.error(f"--replot: no rm_curve.csv in {args.out}")
+        write_figure(points, args.out)
+        return
+    if not args.start:
+        ap.error("--start is required (or --replot)")
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     defaults = OmegaConf.load(DEFAULTS)
@@ -309,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.append("python -m salsa.analysis.rm_curve " + shlex.join(argv))
     for seed in [int(s) for s in args.seeds.split(",")]:
         plan = grid(3000, sizes, [float(x) for x in args.lrs.split(",") if x],
-                    [int(x) for x in args.epochs.split(",") if x], list(starts))  # fmt: skip
+                    [int(x) for x in args.epochs.split(",") if x], list(starts), int(defaults.epochs))  # fmt: skip
         for start, n, epochs, lr in plan:
             hp = OmegaConf.merge(defaults, {"epochs": epochs, **({"lr": lr} if lr else {})})
             p = train_point(
@@ -317,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"{p.start:>10} score {p.score} pairs {p.pairs:>6} epochs {p.epochs} lr {p.lr:g} "
                   f"head lr {p.head_lr} seed {p.seed}: "
-                  f"train {p.train_accuracy:.3f} held-out {p.accuracy:.3f} gold {p.gold_agreement:.3f} "
+                  f"train {p.train_accuracy:.3f} held-out {p.accuracy:.3f} "
+                  f"(shuffled prompts {p.accuracy_shuffled:.3f}) "
+                  f"gold {p.gold_agreement:.3f} "
                   f"({p.seconds:.0f} s)", flush=True)  # fmt: skip
             points.append(p)
             rater_gold = statistics.fmean(p.gold_margin > 0 for p in val)
