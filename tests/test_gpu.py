@@ -5,7 +5,7 @@
 UltraFeedback-format local files whose prompts and answers run past 256 tokens, at the paper's lengths (256 + 256)
 with few examples. Nothing is downloaded. Checks: the run completes; each stage's peak memory is within 1.3x of the
 memory estimator's figure for it; the reward model's head trained; the first PPO iteration's KL is ~0; every query
-starts with BOS (and keeps the chat template). The figures it prints go in the README's memory section.
+starts with BOS (and keeps the chat template). The figures it prints go in the docs' "Memory estimates".
 """
 
 import json

@@ -1,6 +1,6 @@
 """The merged bf16 sampler on a GPU (`rollout=hf_merged`; `pytest -m gpu`, skipped without CUDA): a plain model and
 adapters on a 4-bit base, sampled from their merged bf16 copy and rescored by the training model. It prints the
-agreement of greedy answers and the log-prob gap, the figures the README's GPU rows need."""
+agreement of greedy answers and the log-prob gap, the figures the docs' GPU rows need."""
 
 import json
 

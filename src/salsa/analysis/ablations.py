@@ -13,7 +13,10 @@ writes into `<dir>`:
 - `ablations.md`: that table; the start × anchor decomposition of SALSA's gain over PPO (how much of it the soup
   start alone and the soup anchor alone give, with intervals); moving anchors against the frozen SFT and soup
   anchors; reward-model soups against one reward model; and the over-optimisation table (gold against RM reward
-  along the iterations).
+  along the iterations);
+- `forest.png`: each arm's win rate against PPO with its interval, a line at 50%.
+
+`--replot --out <dir>` draws the figure again from the `ablations.csv` already in `<dir>`, without the sweeps.
 """
 
 from __future__ import annotations
@@ -279,7 +282,20 @@ def write_report(jobs: Sequence[Job], per_prompt: int, out_dir: str | Path, n_bo
     paths = {"csv": out / "ablations.csv", "md": out / "ablations.md"}
     table.round(6).to_csv(paths["csv"], index=False)
     paths["md"].write_text(markdown(table, parts, versus, overoptimisation(jobs)))
-    return paths
+    return {**paths, **write_figures(table, out)}
+
+
+def write_figures(table: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+    """`forest.png`: every arm's gold-judged win rate against its plain-PPO baseline, with its 95% interval."""
+    from salsa.analysis.plots import forest_figure, save_png
+
+    fig = forest_figure(table, label="arm", value="win_vs_ppo")
+    return {"png": save_png(fig, Path(out_dir) / "forest.png", dpi=100)}
+
+
+def replot(out_dir: str | Path) -> dict[str, Path]:
+    """Draw the figures again from the `ablations.csv` a report wrote into `out_dir`."""
+    return write_figures(pd.read_csv(Path(out_dir) / "ablations.csv"), out_dir)
 
 
 def report(sweeps: Sequence[Path], out_dir: Path, n_boot: int = 2000) -> dict[str, Path]:
@@ -302,12 +318,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m salsa.analysis.ablations", description="Where SALSA's gain comes from: the ablations report."
     )
-    parser.add_argument("--sweep", action="append", required=True, help="a sweep directory (repeat for several)")
-    parser.add_argument("--out", required=True, help="where to write ablations.csv and ablations.md")
+    parser.add_argument("--sweep", action="append", help="a sweep directory (repeat for several)")
+    parser.add_argument("--out", required=True, help="where to write ablations.csv, ablations.md and forest.png")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws")
+    parser.add_argument("--replot", action="store_true", help="only draw forest.png again, from --out's ablations.csv")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    report([Path(s) for s in args.sweep], Path(args.out), args.n_boot)
+    if args.replot:
+        replot(args.out)
+    elif not args.sweep:
+        parser.error("--sweep is required (or --replot)")
+    else:
+        report([Path(s) for s in args.sweep], Path(args.out), args.n_boot)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Figures logged as MLflow artifacts: PPO training curves, the reward–KL frontier of a sweep, the reward landscape.
+"""Figures: PPO training curves, the reward–KL frontier of a sweep and the reward landscape (logged to MLflow), and
+the figures of the committed reports: win rates with their intervals (a forest plot) and the reward model's learning
+curve.
 
 Figures are built with matplotlib's object API (`Figure`, no pyplot), so they need no display, leave no global state
 behind in long sweeps, and render the same in a notebook.
@@ -106,4 +108,85 @@ def landscape_figure(
                     markeredgecolor="black")  # fmt: skip
             ax.annotate(label, (x, y), xytext=(5, 5), textcoords="offset points", color="white", fontsize=8)
         ax.set(xlabel="a  (toward θ1)", ylabel="b  (toward θ2)", title=f"{title} over the ingredients' plane")
+    return fig
+
+
+def forest_figure(
+    table: pd.DataFrame,
+    label: str = "arm",
+    value: str = "win_vs_ppo",
+    reference: float = 0.5,
+    xlabel: str = "gold-judged win rate against PPO (%)",
+) -> Figure:
+    """Win rates with their 95% intervals, one row per arm, and a dashed vertical line at `reference` (a tie).
+
+    `table` has a `label` column and `{value}_mean`, `{value}_low`, `{value}_high` as fractions, the columns of the
+    report CSVs. Rows without a mean (an arm that is its own baseline) are left out; a row whose interval is missing
+    is drawn as its point alone. Rows run top to bottom in the table's order, each annotated with its numbers.
+    """
+    columns = [f"{value}_{k}" for k in ("mean", "low", "high")]
+    numbers = 100 * table.reindex(columns=columns).apply(pd.to_numeric, errors="coerce")
+    keep = numbers[columns[0]].notna()
+    rows = table[keep]
+    mean, low, high = (numbers.loc[keep, c].to_numpy(float) for c in columns)
+    n = len(rows)
+    y = np.arange(n)[::-1].astype(float)
+    fig = Figure(figsize=(7.2, 1.2 + 0.42 * max(n, 1)), layout="constrained")
+    ax = fig.subplots()
+    ax.axvline(100 * reference, color="grey", linestyle="--", linewidth=1)
+    whole = np.isfinite(low) & np.isfinite(high)
+    if whole.any():
+        errors = np.clip(np.vstack([mean[whole] - low[whole], high[whole] - mean[whole]]), 0, None)
+        ax.errorbar(mean[whole], y[whole], xerr=errors, fmt="o", color="C0", capsize=3)
+    if (~whole).any():
+        ax.plot(mean[~whole], y[~whole], "o", color="C0", markerfacecolor="white")
+    for i in range(n):
+        text = f"{mean[i]:.1f}" + (f" [{low[i]:.1f}, {high[i]:.1f}]" if whole[i] else "")
+        ax.annotate(text, (1.02, y[i]), xycoords=("axes fraction", "data"), va="center", fontsize=8)
+    ax.set_yticks(y, [str(v) for v in rows[label]] if n else [])
+    ax.set(xlabel=xlabel, ylim=(-0.7, max(n, 1) - 0.3))
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+RM_CURVE_SETTINGS = ("start", "labels", "score", "heldout", "epochs", "lr", "head_lr", "seed")
+
+
+def rm_curve_figure(points: pd.DataFrame) -> Figure:
+    """The reward model's held-out accuracy (against the raters' labels) and its agreement with the gold reward,
+    against the number of training pairs.
+
+    `points` has one row per trained reward model, with the columns of `rm_curve.csv`. Points that differ only in
+    their number of pairs make one curve; the curve with the most points is the reference, and every other curve or
+    single point is labelled by the settings where it differs from it (e.g. `epochs 2`, `lr 0.003`, `score mean`).
+    """
+    keys = [k for k in RM_CURVE_SETTINGS if k in points]
+    fig = Figure(figsize=(10.4, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    panels = (("accuracy", "held-out accuracy (raters' labels)"), ("gold_agreement", "agreement with the gold reward"))
+    if points.empty:
+        for ax, (_, title) in zip(axes, panels, strict=True):
+            ax.set(xlabel="training pairs", title=title)
+        return fig
+    groups = [g for _, g in points.groupby(keys, dropna=False, sort=False)] if keys else [points]
+    base = max(groups, key=len).iloc[0]
+
+    def shown(value) -> str:
+        return "–" if pd.isna(value) else f"{value:g}" if isinstance(value, float) else str(value)
+
+    def name(group: pd.DataFrame) -> str:
+        row = group.iloc[0]
+        changed = [k for k in keys if shown(row[k]) != shown(base[k])]
+        shown_keys = changed or [k for k in ("start", "epochs", "lr", "score") if k in keys]
+        return ", ".join(f"{k} {shown(row[k])}" for k in shown_keys)
+
+    for ax, (metric, title) in zip(axes, panels, strict=True):
+        for i, group in enumerate(groups):
+            group = group.sort_values("pairs")
+            style = "o-" if len(group) > 1 else "D"
+            ax.plot(group["pairs"], group[metric], style, color=f"C{i}", markersize=5, label=name(group))
+        ax.set_xscale("log")
+        ax.set(xlabel="training pairs", ylabel=metric.replace("_", " "), title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return fig

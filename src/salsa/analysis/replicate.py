@@ -8,9 +8,11 @@
   hierarchical bootstrap interval over seeds, then prompts;
 - `replication.md`: those tables, soup3 against soup2, the reward landscape through each seed's ingredients,
   over-optimisation along PPO's iterations, and the paper's numbers beside ours;
-- `frontier.png`: gold and RM reward against KL, one curve per reference.
+- `frontier.png`: gold and RM reward against KL, one curve per reference;
+- `forest.png`: each reference's win rate against PPO at every kl_coef, with its interval, a line at 50%.
 
-`python -m salsa.analysis.replicate --sweep <sweep dir> --out <dir>` writes the same report from a finished sweep.
+`python -m salsa.analysis.replicate --sweep <sweep dir> --out <dir>` writes the same report from a finished sweep;
+`--replot --out <dir>` draws the figures again from the `replication.csv` already in `<dir>`.
 """
 
 from __future__ import annotations
@@ -299,23 +301,40 @@ def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land
 
 def write_report(jobs: Sequence[Job], per_prompt: int, out_dir: str | Path, landscapes: dict[int, dict] | None = None,
                  n_boot: int = 2000) -> dict[str, Path]:  # fmt: skip
-    """Write replication.csv, replication.md and frontier.png into `out_dir`."""
-    from salsa.analysis.plots import frontier_figure, save_png
-
+    """Write replication.csv, replication.md, frontier.png and forest.png into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = win_rates(jobs, per_prompt, n_boot)
     h2h = head_to_head(jobs, "soup3", "soup2", per_prompt, n_boot)
     overopt = overoptimisation(jobs)
     land = landscape_table(landscapes or {})
-    paths = {"csv": out / "replication.csv", "md": out / "replication.md", "png": out / "frontier.png"}
+    paths = {"csv": out / "replication.csv", "md": out / "replication.md"}
     table.round(6).to_csv(paths["csv"], index=False)
     paths["md"].write_text(markdown(table, h2h, overopt, land))
+    return {**paths, **write_figures(table, out)}
+
+
+def write_figures(table: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+    """`frontier.png` (gold and RM reward against KL, one curve per reference through its β values) and
+    `forest.png` (each soup's and πother's win rate against PPO at every β, with its 95% interval)."""
+    from salsa.analysis.plots import forest_figure, frontier_figure, save_png
+
+    out = Path(out_dir)
     curve = table.rename(columns={"gold_mean": "gold_reward"})[
         ["ref", "kl_coef", "kl_to_ref", "rm_reward", "gold_reward"]
     ]
-    save_png(frontier_figure(curve), paths["png"], dpi=90)
-    return paths
+    arms = table.sort_values(["ref", "kl_coef"]).assign(
+        label=lambda t: [f"ref={ref}, β={beta:g}" for ref, beta in zip(t["ref"], t["kl_coef"], strict=True)]
+    )
+    return {
+        "png": save_png(frontier_figure(curve), out / "frontier.png", dpi=90),
+        "forest": save_png(forest_figure(arms, label="label", value="win_vs_ppo"), out / "forest.png", dpi=100),
+    }
+
+
+def replot(out_dir: str | Path) -> dict[str, Path]:
+    """Draw the figures again from the `replication.csv` a report wrote into `out_dir`."""
+    return write_figures(pd.read_csv(Path(out_dir) / "replication.csv"), out_dir)
 
 
 def seed_landscapes(sweep_dir: str | Path, conf_dir: Path) -> dict[int, dict]:
@@ -364,15 +383,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m salsa.analysis.replicate", description="The replication report of a sweep."
     )
+    parser.add_argument("--sweep", help="the sweep directory of `python src/train.py -m experiment=replicate`")
     parser.add_argument(
-        "--sweep", required=True, help="the sweep directory of `python src/train.py -m experiment=replicate`"
+        "--out", required=True, help="where to write replication.csv, replication.md, frontier.png, forest.png"
     )
-    parser.add_argument("--out", required=True, help="where to write replication.csv, replication.md, frontier.png")
     parser.add_argument("--no-landscape", action="store_true", help="skip the per-seed reward landscapes")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws")
+    parser.add_argument(
+        "--replot", action="store_true", help="only draw the figures again, from --out's replication.csv"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    report(Path(args.sweep), Path(args.out), not args.no_landscape, args.n_boot)
+    if args.replot:
+        replot(args.out)
+    elif not args.sweep:
+        parser.error("--sweep is required (or --replot)")
+    else:
+        report(Path(args.sweep), Path(args.out), not args.no_landscape, args.n_boot)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The browser test uses it to check that a person can compare runs there, and
 
     python -m salsa.infra.mlflow_ui --out docs/mlflow_runs.png      # [--log-dir logs] [--view <id>]
 
-regenerates the README's screenshot from the newest sweep's saved view (or the experiment's `salsa-results` view).
+regenerates the docs' screenshot from the newest sweep's saved view (or the experiment's `salsa-results` view).
 Chromium comes from the system (Debian: `apt-get install chromium`; or set SALSA_CHROMIUM to a Chrome/Chromium
 binary); Playwright drives it and never downloads a browser of its own.
 """

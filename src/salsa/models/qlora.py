@@ -1,6 +1,6 @@
 """QLoRA settings and loading: the frozen base (4-bit nf4 under `quant: nf4`), and fresh LoRA adapters on it.
 
-The memory plan (README, "Hub models and QLoRA"): one frozen base in memory; everything else is a LoRA adapter on it,
+The memory plan (docs: "Hub models and QLoRA"): one frozen base in memory; everything else is a LoRA adapter on it,
 switched on per call (`salsa.models.shared_base`):
   reference = base + the soup's exact adapter (or one SFT ingredient's), frozen;
   policy    = reference's start + a new trainable adapter whose B is zero, so it starts exactly at that model;

@@ -63,8 +63,9 @@ def plane_coords(theta: Params, t0: Params, t1: Params, t2: Params) -> tuple[flo
     """(a, b) of the point of the plane closest to θ (least squares over all tensors of `t0`).
 
     With u = θ1 − θ0, v = θ2 − θ0, d = θ − θ0, the normal equations are
-    [u·u  u·v] [a]   [u·d]
-    [u·v  v·v] [b] = [v·d].
+
+        [u·u  u·v] [a]   [u·d]
+        [u·v  v·v] [b] = [v·d].
     """
     uu = uv = vv = ud = vd = 0.0
     for name, x0 in t0.items():
