@@ -136,7 +136,7 @@ def test_experiments_in_a_hydra_searchpath_dir_are_options(tmp_path):
     message = unknown_group_option(unknown, search_dirs(unknown, CONF))
     assert message == (
         "experiment=nope is not an option; experiment is one of: ablations, algorithms, example, mine, paper_gemma2b, "
-        "paper_llama2_7b, paper_mistral7b, replicate, typo"
+        "paper_llama2_7b, paper_mistral7b, replicate, smol_ifeval, typo"
     )
     assert unknown_group_option(["experiment=mine"], [CONF]).startswith("experiment=mine is not an option")  # no path
 

@@ -365,7 +365,7 @@ class PPOConfig(Group):
     ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
     merge_start: bool = True  # model.quant=none: fold the policy's start into the base's weights (fewer adapters)
     compile: bool = False  # torch.compile the four models' decoders for scoring and the update (full weights only)
-    compile_sampler: bool = False  # sample with a static KV cache and a compiled decode step (README: Performance)
+    compile_sampler: bool = False  # sample with a static KV cache and a compiled decode step (docs: Performance)
 
     POSITIVE_INT = (
         "iterations", "batch_size", "num_minibatches", "ppo_epochs", "response_length", "max_prompt_length",
@@ -414,7 +414,7 @@ class GroupConfig(Group):
     seed: int = 0  # prompt order, sampling and minibatch order
     ckpt_every: int = 5  # iterations per checkpoint (a crash costs at most this many)
     merge_start: bool = True  # model.quant=none: fold the policy's start into the base's weights (fewer adapters)
-    compile_sampler: bool = False  # sample with a static KV cache and a compiled decode step (README: Performance)
+    compile_sampler: bool = False  # sample with a static KV cache and a compiled decode step (docs: Performance)
 
     POSITIVE_INT = (
         "iterations", "batch_size", "num_minibatches", "epochs", "response_length", "max_prompt_length", "ckpt_every",
@@ -509,7 +509,7 @@ class EvalConfig(Group):
     response_length: int = 40
     max_prompt_length: int = 32
     tie_tolerance: float = 1e-6
-    compile_sampler: bool = False  # sample with a static KV cache and a compiled decode step (README: Performance)
+    compile_sampler: bool = False  # sample with a static KV cache and a compiled decode step (docs: Performance)
     # who judges the win rates: auto = gold on the embedded task, heldout_rm on hub data; gold; heldout_rm = a second
     # reward model trained (seed rm.seed + 1) on `judge_share` of the preference pairs, which the policy's reward
     # model never sees; rm = the policy's own reward model (not independent: it rewards the policy's hacks); or a path
@@ -776,8 +776,17 @@ HUB_MIN_LENGTHS = {
 
 
 def check_model_and_data(cfg: Any) -> None:
-    """Combinations that cannot run: the tiny model needs the task's documents to pretrain on."""
+    """Combinations that cannot run: the tiny model needs the task's documents to pretrain on, and a task made from
+    the base model's own answers (a `samples_per_prompt` key: `data=ifeval`) needs a pretrained instruct model."""
     task = cfg.data.get("task") or {}
+    if not cfg.model.get("name_or_path") and "samples_per_prompt" in task:
+        raise ConfigError(
+            "model",
+            f"data={cfg.data.name} makes its SFT data and preference pairs from a pretrained instruct model's own "
+            f"answers to real-language prompts, and model={cfg.model.name} is built untrained, without a checkpoint: "
+            "use model=smollm2 (runs on CPU), another checkpoint preset (model=gemma2b|llama2_7b|mistral7b) or "
+            "model.name_or_path=/a/local/instruct/checkpoint",
+        )
     if not cfg.model.get("name_or_path") and task.get("n_pretrain", 1) == 0:
         raise ConfigError(
             "model",
@@ -805,6 +814,16 @@ def scale_warnings(cfg: Any) -> list[str]:
     ]
     if short:
         out.append(f"{', '.join(short)}: this short, a hub model's prompts and answers are cut almost everywhere")
+    sampled = OmegaConf.select(cfg, "data.task.max_new_tokens")
+    if sampled is not None and OmegaConf.select(cfg, "data.task.samples_per_prompt") is not None:
+        lengths = ("sft.max_response_length", "rm.max_response_length", "ppo.response_length")
+        cut = [f"{k}={OmegaConf.select(cfg, k)}" for k in lengths if OmegaConf.select(cfg, k) < sampled]
+        if cut:
+            out.append(
+                f"{', '.join(cut)} below data.task.max_new_tokens={sampled}: the base model's answers (SFT data, "
+                f"pairs) are cut in training, and the policy's answers are cut before they end, which data="
+                f"{cfg.data.name}'s gold reward scores 0; set them to data.task.max_new_tokens (experiment=smol_ifeval)"
+            )
     return out
 
 

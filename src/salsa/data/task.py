@@ -1,8 +1,10 @@
 """Task data: what the stages train and judge on.
 
 A task is a `TaskData`: plain documents for pretraining the tiny base model, SFT demonstrations, preference pairs,
-prompts for PPO and for evaluation, and optionally a gold judge. `data=synthetic` builds one from the embedded task;
-`salsa.data.hub` builds one from a hub preference dataset.
+prompts for PPO and for evaluation, and optionally a gold judge and task metrics. `data=synthetic` builds one from the
+embedded task; `salsa.data.hub` builds one from a hub preference dataset; `salsa.data.ifeval` builds one whose SFT
+data and preference pairs come from the base model's own answers (`SampleRequest`, completed by the samples stage,
+`salsa.stages.samples`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,30 @@ class TaskData:
     prompts_eval: list[str]
     pretrain: list[str] = field(default_factory=list)
     judge: Callable[[str, str, bool], float] | None = None  # gold reward r*(prompt, response, ended)
+    # the task's own metrics of a model's answers (prompts, texts, ended) -> {name: value}, reported by evaluation
+    metrics: Callable[[list[str], list[str], list[bool]], dict[str, float]] | None = None
+    # SFT data and pairs still to be made from the base model's answers: the samples stage completes the task
+    needs_samples: SampleRequest | None = None
+
+
+# one answer of the base model: (text, ended, gold reward)
+Answer = tuple[str, bool, float]
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What a task needs from its base model before SFT (rejection sampling, `salsa.stages.samples`): `n[i]` answers
+    to `prompts[i]`, sampled at `temperature` with at most `max_new_tokens` new tokens, `batch_size` answers at a
+    time, seeded by `seed`; `complete(answers)` (answers[i]: the `Answer`s to prompts[i], each judged by the task's
+    gold reward) returns the completed `TaskData`."""
+
+    prompts: list[str]
+    n: list[int]
+    temperature: float
+    max_new_tokens: int
+    batch_size: int
+    seed: int
+    complete: Callable[[list[list[Answer]]], TaskData]
 
 
 def synthetic_data(

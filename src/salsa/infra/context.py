@@ -77,6 +77,11 @@ class Context:
             self._data = hydra.utils.instantiate(self.cfg.data.task, _convert_="all")
         return self._data
 
+    @data.setter
+    def data(self, value: TaskData) -> None:
+        """The task completed by a stage (`salsa.stages.samples`: SFT data and pairs from the base's answers)."""
+        self._data = value
+
     def build(self, stage: str, spec: dict[str, Any], fn: Callable[[Path, str | None], dict[str, Any]]) -> Entry:
         """The cached output of `stage` for `spec`; on a miss, `fn(workdir, mlflow_run_id)` builds it in a child run."""
         key = stage_key(stage, spec)

@@ -1,8 +1,10 @@
 """Evaluation: responses to held-out prompts from the policy and its baselines, judged side by side.
 
 Each model answers every held-out prompt `samples_per_prompt` times with the same sampling seed. Answers are scored
-by the reward model and, on the embedded task, by the gold reward, which is then the judge of the paper's adjusted
-win rate (wins + ½ ties) / comparisons. `kl_to_ref` is the mean over the policy's answers of Σ_t log π/π_ref.
+by the reward model and, on a task with a gold reward (the embedded task, IFEval), by the gold reward, which is then
+the judge of the paper's adjusted win rate (wins + ½ ties) / comparisons. `kl_to_ref` is the mean over the policy's
+answers of Σ_t log π/π_ref. A task with metrics of its own (`TaskData.metrics`: IFEval's strict accuracies) reports
+them for each model, named `<metric>_policy`, `<metric>_sft` and `<metric>_ppo` (the baseline).
 """
 
 from __future__ import annotations
@@ -182,6 +184,9 @@ def run_eval(
             "ended_frac": float(np.mean(answers["policy"]["ended"])),
             "comparisons": len(prompts),
         }
+        if data.metrics is not None:  # the task's own metrics of each model's answers (IFEval's strict accuracies)
+            for name, a in answers.items():
+                results.update({f"{k}_{name}": v for k, v in data.metrics(prompts, a["texts"], a["ended"]).items()})
         for name in ("sft", "ppo"):
             if name in answers:
                 results[f"{name}_rm_reward"] = float(np.mean(answers[name]["rm"]))
@@ -189,6 +194,10 @@ def run_eval(
                     results[f"{name}_gold_reward"] = float(np.mean(answers[name]["gold"]))
                 if kind not in ("gold", "rm"):
                     results[f"{name}_judge_reward"] = float(np.mean(answers[name]["judge"]))
+        if not any(e for a in answers.values() for e in a["ended"]):
+            log.warning("[eval] no answer ended within eval.response_length=%d tokens: the judge scores cut answers "
+                        "only (a gold reward that needs an ended answer, as IFEval's, gives every one 0); raise "
+                        "ppo.response_length, which eval.response_length follows", e.response_length)  # fmt: skip
         if judge_rm is not None:
             results["judge_accuracy"] = judge_rm.manifest.get("metrics", {}).get("accuracy")
         with open(work / "generations.csv", "w", newline="") as f:

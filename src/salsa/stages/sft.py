@@ -14,6 +14,7 @@ from salsa.models.qlora import new_adapter_model, uses_adapters
 from salsa.models.sharding import save_pretrained
 from salsa.stages.base import base_settings
 from salsa.stages.lm import fit_lm, heldout_dataset, heldout_loss
+from salsa.stages.samples import complete_data
 
 
 def ingredient_seed(seed: int, replicate: int, index: int) -> int:
@@ -24,6 +25,7 @@ def ingredient_seed(seed: int, replicate: int, index: int) -> int:
 def run_sft(ctx: Context, base: Entry, index: int) -> Entry:
     """SFT ingredient `index`: the base fine-tuned on the demonstrations with seed `sft.seed + index`."""
     cfg = ctx.cfg
+    complete_data(ctx, base)  # SFT data from the base model's answers (data=ifeval); a no-op once done, and elsewhere
     spec = {"base": base.key, "data": plain(cfg.data), "sft": plain(cfg.sft), "index": index}
 
     def build(work: Path, run_id: str | None) -> dict:
