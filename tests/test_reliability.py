@@ -400,12 +400,13 @@ EXTERNAL = {
     "unknown option": (
         ["experiment=nope", "hydra.searchpath=[file://conf]"],
         "error: experiment=nope is not an option; experiment is one of: ablations, algorithms, example, mine, "
-        "paper_gemma2b, paper_llama2_7b, paper_mistral7b, replicate, typo",
+        "paper_gemma2b, paper_llama2_7b, paper_mistral7b, replicate, smol_ifeval, typo",
     ),
     "misspelled search dir": (
         ["experiment=mine", "hydra.searchpath=[file://conff]"],
         "error: experiment=mine is not an option; experiment is one of: ablations, algorithms, example, "
-        "paper_gemma2b, paper_llama2_7b, paper_mistral7b, replicate (hydra.searchpath: no directory file://conff)",
+        "paper_gemma2b, paper_llama2_7b, paper_mistral7b, replicate, smol_ifeval "
+        "(hydra.searchpath: no directory file://conff)",
     ),
 }
 
