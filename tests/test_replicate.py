@@ -4,7 +4,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from salsa.analysis.replicate import Job, head_to_head, landscape_table, overoptimisation, smooth, win_rates
+from salsa.analysis.replicate import (
+    Job,
+    head_to_head,
+    landscape_table,
+    markdown,
+    overoptimisation,
+    smooth,
+    task_measures,
+    title,
+    win_rates,
+)
 
 
 def _job(ref: str, seed: int, policy: list[float], ppo: list[float], sft: list[float], history=None) -> Job:
@@ -73,3 +83,31 @@ def test_landscape_table():
     row = landscape_table({0: land}).iloc[0]
     assert row["ingredients_gold_reward_mean"] == pytest.approx(2.0) and row["soup_beats_best_gold_reward"]
     assert not row["soup_beats_best_rm_reward"] and row["grid_max_gold_reward"] == 4.0
+
+
+def test_task_measures_average_each_reference_over_its_seeds():
+    jobs = [_job("soup3", s, [0.0], [0.0], [0.0]) for s in (0, 1)] + [_job("sft", 0, [0.0], [], [0.0])]
+    assert task_measures(jobs).empty  # the embedded task's evaluation reports no task measures
+    for job, prompt, acc in zip(jobs, (0.25, 0.75, 0.5), (0.6, 0.8, 0.7), strict=True):
+        job.results.update(ifeval_prompt_strict_policy=prompt, rm_accuracy=acc, ended_frac=1.0)
+        job.task, job.model = "ifeval", "smollm2"
+    jobs[1].results["ifeval_instruction_strict_policy"] = 0.5  # reported by one seed only: its own value
+    table = task_measures(jobs).set_index("ref")
+    assert table.loc["soup3", "seeds"] == 2
+    assert table.loc["soup3", "ifeval_prompt_strict_policy"] == pytest.approx(0.5)
+    assert table.loc["soup3", "rm_accuracy"] == pytest.approx(0.7)
+    assert table.loc["soup3", "ifeval_instruction_strict_policy"] == pytest.approx(0.5)
+    assert np.isnan(table.loc["sft", "ifeval_instruction_strict_policy"])
+    assert np.isnan(table.loc["sft", "rm_gold_agreement"])  # not in the results: not made up
+    heading = title(jobs)
+    assert heading == "Does SALSA beat PPO? data=ifeval, model=smollm2"
+    text = markdown(win_rates(jobs, per_prompt=1, n_boot=50), pd.DataFrame(), pd.DataFrame(), pd.DataFrame(),
+                    task_measures(jobs).reset_index(drop=True), heading)  # fmt: skip
+    assert text.startswith("# Does SALSA beat PPO? data=ifeval, model=smollm2")
+    assert "| soup3 | 0.05 | 2 | 0.700 | — | 1.000 | 0.500 | 0.500 |" in text
+    assert "πother vs PPO" not in text  # no ref=other run: no row for the paper's πother number
+    assert "soup3 against soup2" not in text  # no soup2 run: no head-to-head section
+
+
+def test_title_of_the_embedded_task():
+    assert title([_job("sft", 0, [0.0], [], [0.0])]).endswith("Replication on the embedded task")

@@ -60,6 +60,8 @@ class Job:
     start: str = ""  # where the policy started: a `ref=`/`init=` name (sft, soup3, ...); "" = as `ref=` says
     update: str = "frozen"  # ref.update
     rm: str = "default"  # the reward model: one (default) or a soup of N (soupN)
+    task: str = "synthetic"  # data.name
+    model: str = "tiny"  # model.name
 
     def gold(self, model: str, samples_per_prompt: int) -> np.ndarray:
         """Gold rewards of `model`'s answers as (prompts, samples per prompt)."""
@@ -105,6 +107,8 @@ def load_jobs(sweep_dir: str | Path) -> tuple[list[Job], int]:
                 answers=pd.read_csv(evaluation.path / "generations.csv"),
                 history=read_history(policy.path / HISTORY),
                 algo=algo,
+                task=str(cfg.data.name),
+                model=str(cfg.model.name),
                 **run_design(cfg),
             )
         )
@@ -195,6 +199,40 @@ def overoptimisation(jobs: Sequence[Job]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# results.json measures reported beside the win rates, when a task's evaluation writes them: the reward model's own
+# held-out scores, the share of answers that ended, and the task's metrics (data=ifeval: IFEval's strict accuracies)
+MEASURES = ("rm_accuracy", "rm_gold_agreement", "ended_frac")
+TASK_MEASURE_PREFIXES = ("ifeval_",)
+
+
+def task_measures(jobs: Sequence[Job]) -> pd.DataFrame:
+    """Per (ref, kl_coef): the mean over seeds of each measure in `MEASURES` and of every numeric results.json
+    key starting with one of `TASK_MEASURE_PREFIXES`, as far as the jobs' results have them (empty when none do)."""
+    keys = sorted({k for j in jobs for k, v in j.results.items() if isinstance(v, int | float)
+                   and not isinstance(v, bool) and k.startswith(TASK_MEASURE_PREFIXES)})  # fmt: skip
+    if not keys:
+        return pd.DataFrame()
+    rows = []
+    by_setting: dict[tuple[str, float], list[Job]] = {}
+    for job in jobs:
+        by_setting.setdefault((job.ref, job.kl_coef), []).append(job)
+    for (ref, kl), group in sorted(by_setting.items(), key=lambda kv: (REFS.index(kv[0][0]), kv[0][1])):
+        row: dict[str, Any] = {"ref": ref, "kl_coef": kl, "seeds": len(group)}
+        for key in (*MEASURES, *keys):
+            values = [float(j.results[key]) for j in group if j.results.get(key) is not None]
+            row[key] = float(np.mean(values)) if values else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def title(jobs: Sequence[Job]) -> str:
+    """The report's heading: the embedded task, or the data and model the sweep ran on."""
+    settings = sorted({(j.task, j.model) for j in jobs})
+    if not settings or settings == [("synthetic", "tiny")]:
+        return "Does SALSA beat PPO? Replication on the embedded task"
+    return "Does SALSA beat PPO? " + "; ".join(f"data={t}, model={m}" for t, m in settings)
+
+
 def landscape_table(landscapes: dict[int, dict]) -> pd.DataFrame:
     """Per seed: gold and RM reward of each ingredient and of the soup, and whether the soup beats them all."""
     rows = []
@@ -230,8 +268,9 @@ def _fmt(mean: float, low: float, high: float, percent: bool = True) -> str:
     )
 
 
-def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land: pd.DataFrame) -> str:
-    lines = ["# Does SALSA beat PPO? Replication on the embedded task", ""]
+def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land: pd.DataFrame,
+             measures: pd.DataFrame | None = None, heading: str = "") -> str:  # fmt: skip
+    lines = [f"# {heading or 'Does SALSA beat PPO? Replication on the embedded task'}", ""]
     lines += [
         "Judge: the gold reward. Win rates are adjusted, (wins + ½ ties) / comparisons, in percent, with 95%",
         "hierarchical bootstrap intervals over seeds, then prompts. `vs PPO` pairs each run with ref=sft at the same",
@@ -252,25 +291,31 @@ def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land
             f"{_fmt(r['gold_mean'], r['gold_low'], r['gold_high'], percent=False)} | {r['rm_reward']:.3f} | "
             f"{r['kl_to_ref']:.2f} | {r['sft_gold']:.3f} |"
         )
-    lines += [
-        "",
-        "## soup3 against soup2 (the same seed and kl_coef)",
-        "",
-        "| kl_coef | seeds | soup3 wins % |",
-        "|---|---|---|",
-    ]
+    if measures is not None and not measures.empty:
+        lines += _measures_markdown(measures)
+    if not h2h.empty:
+        lines += [
+            "",
+            "## soup3 against soup2 (the same seed and kl_coef)",
+            "",
+            "| kl_coef | seeds | soup3 wins % |",
+            "|---|---|---|",
+        ]
     for _, r in h2h.iterrows():
         lines.append(f"| {r['kl_coef']:g} | {int(r['seeds'])} | {_fmt(r['win_mean'], r['win_low'], r['win_high'])} |")
     lines += ["", "## The paper's numbers beside ours (win rate against PPO, %)", "",
-              "| claim | paper (Arena-Hard, GPT-4 judge) | ours (embedded task, gold judge; per kl_coef) |",
+              "| claim | paper (Arena-Hard, GPT-4 judge) | ours (gold judge; per kl_coef) |",
               "|---|---|---|"]  # fmt: skip
     for ref, claim in (("soup3", "SALSA (soup of 3) vs PPO"), ("other", "πother vs PPO")):
+        if ref not in set(table["ref"]):
+            continue
         paper = ", ".join(f"{m}: {v:.2f}" for (r, m), v in PAPER.items() if r == ref)
         ours = ", ".join(
             f"β={r['kl_coef']:g}: {r['win_vs_ppo_mean'] * 100:.1f}" for _, r in table[table["ref"] == ref].iterrows()
         )
         lines.append(f"| {claim} | {paper} | {ours} |")
-    lines.append('| 3 ingredients beat 2 | soup3 > soup2 | see "soup3 against soup2" |')
+    if not h2h.empty:
+        lines.append('| 3 ingredients beat 2 | soup3 > soup2 | see "soup3 against soup2" |')
     if not land.empty:
         lines += ["", "## Reward landscape through each seed's three ingredients", "",
                   "| seed | soup gold | ingredients' gold (mean / best) | soup RM | ingredients' RM (mean / best) |",
@@ -299,18 +344,38 @@ def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land
     return "\n".join(lines) + "\n"
 
 
+def _measures_markdown(measures: pd.DataFrame) -> list[str]:
+    """The task-measures table: one row per (ref, kl_coef), a column per measure (means over seeds)."""
+    keys = [k for k in measures.columns if k not in ("ref", "kl_coef", "seeds")]
+    lines = ["", "## The task's own measures (means over seeds)", "",
+             "Reward model: held-out accuracy against the raters' labels and agreement with the gold reward; "
+             "`ended_frac`: share of the policy's answers that ended; `ifeval_{prompt,instruction}_strict_{model}`: "
+             "IFEval's strict accuracies of the policy, the SFT model and the PPO baseline.", "",
+             "| ref | kl_coef | seeds | " + " | ".join(f"`{k}`" for k in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]  # fmt: skip
+    for _, r in measures.iterrows():
+        cells = ["—" if pd.isna(r[k]) else f"{r[k]:.3f}" for k in keys]
+        lines.append(f"| {r['ref']} | {r['kl_coef']:g} | {int(r['seeds'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(jobs: Sequence[Job], per_prompt: int, out_dir: str | Path, landscapes: dict[int, dict] | None = None,
                  n_boot: int = 2000) -> dict[str, Path]:  # fmt: skip
-    """Write replication.csv, replication.md, frontier.png and forest.png into `out_dir`."""
+    """Write replication.csv, replication.md, frontier.png and forest.png into `out_dir` (and `measures.csv` when
+    the jobs' evaluation reports task measures, `task_measures`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = win_rates(jobs, per_prompt, n_boot)
     h2h = head_to_head(jobs, "soup3", "soup2", per_prompt, n_boot)
     overopt = overoptimisation(jobs)
     land = landscape_table(landscapes or {})
+    measures = task_measures(jobs)
     paths = {"csv": out / "replication.csv", "md": out / "replication.md"}
     table.round(6).to_csv(paths["csv"], index=False)
-    paths["md"].write_text(markdown(table, h2h, overopt, land))
+    if not measures.empty:
+        paths["measures"] = out / "measures.csv"
+        measures.round(6).to_csv(paths["measures"], index=False)
+    paths["md"].write_text(markdown(table, h2h, overopt, land, measures, title(jobs)))
     return {**paths, **write_figures(table, out)}
 
 
