@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,13 +126,18 @@ def _stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(arrays)  # (seeds, prompts, samples per prompt)
 
 
+def by_setting(jobs: Iterable[Job]) -> list[tuple[tuple[str, float], list[Job]]]:
+    """The jobs grouped by (ref, kl_coef), in the report's order: `REFS`' order, then kl_coef."""
+    groups: dict[tuple[str, float], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.ref, job.kl_coef), []).append(job)
+    return sorted(groups.items(), key=lambda kv: (REFS.index(kv[0][0]), kv[0][1]))
+
+
 def win_rates(jobs: Sequence[Job], per_prompt: int, n_boot: int = 2000, tie: float = 1e-6) -> pd.DataFrame:
     """One row per (ref, kl_coef): win rates against PPO and SFT, gold and RM reward, KL, with bootstrap intervals."""
     rows = []
-    by_setting: dict[tuple[str, float], list[Job]] = {}
-    for job in jobs:
-        by_setting.setdefault((job.ref, job.kl_coef), []).append(job)
-    for (ref, kl), group in sorted(by_setting.items(), key=lambda kv: (REFS.index(kv[0][0]), kv[0][1])):
+    for (ref, kl), group in by_setting(jobs):
         group = sorted(group, key=lambda j: j.seed)
         row: dict[str, Any] = {"ref": ref, "kl_coef": kl, "seeds": len(group)}
         policy = _stack([j.gold("policy", per_prompt) for j in group])
@@ -180,11 +185,8 @@ def overoptimisation(jobs: Sequence[Job]) -> pd.DataFrame:
     """Per (ref, kl_coef): how far the smoothed gold reward ends below its peak over PPO's iterations, how much the
     RM reward rose after that peak, and in how many seeds both happened (gold fell ≥ OVEROPT_DROP while RM rose)."""
     rows = []
-    by_setting: dict[tuple[str, float], list[Job]] = {}
-    for job in jobs:
-        if job.history.get("ppo/gold_reward") and job.history.get("ppo/rm_reward"):
-            by_setting.setdefault((job.ref, job.kl_coef), []).append(job)
-    for (ref, kl), group in sorted(by_setting.items(), key=lambda kv: (REFS.index(kv[0][0]), kv[0][1])):
+    with_history = [j for j in jobs if j.history.get("ppo/gold_reward") and j.history.get("ppo/rm_reward")]
+    for (ref, kl), group in by_setting(with_history):
         drops, rises, both = [], [], 0
         for job in group:
             gold = smooth([v for _, v in job.history["ppo/gold_reward"]])
@@ -213,10 +215,7 @@ def task_measures(jobs: Sequence[Job]) -> pd.DataFrame:
     if not keys:
         return pd.DataFrame()
     rows = []
-    by_setting: dict[tuple[str, float], list[Job]] = {}
-    for job in jobs:
-        by_setting.setdefault((job.ref, job.kl_coef), []).append(job)
-    for (ref, kl), group in sorted(by_setting.items(), key=lambda kv: (REFS.index(kv[0][0]), kv[0][1])):
+    for (ref, kl), group in by_setting(jobs):
         row: dict[str, Any] = {"ref": ref, "kl_coef": kl, "seeds": len(group)}
         for key in (*MEASURES, *keys):
             values = [float(j.results[key]) for j in group if j.results.get(key) is not None]
@@ -301,8 +300,10 @@ def markdown(table: pd.DataFrame, h2h: pd.DataFrame, overopt: pd.DataFrame, land
             "| kl_coef | seeds | soup3 wins % |",
             "|---|---|---|",
         ]
-    for _, r in h2h.iterrows():
-        lines.append(f"| {r['kl_coef']:g} | {int(r['seeds'])} | {_fmt(r['win_mean'], r['win_low'], r['win_high'])} |")
+        for _, r in h2h.iterrows():
+            lines.append(
+                f"| {r['kl_coef']:g} | {int(r['seeds'])} | {_fmt(r['win_mean'], r['win_low'], r['win_high'])} |"
+            )
     lines += ["", "## The paper's numbers beside ours (win rate against PPO, %)", "",
               "| claim | paper (Arena-Hard, GPT-4 judge) | ours (gold judge; per kl_coef) |",
               "|---|---|---|"]  # fmt: skip
